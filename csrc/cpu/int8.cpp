@@ -1,0 +1,211 @@
+// LLM.int8() on the CPU: per-row absmax int8 activations, an exact int8 x int8 -> int32 matmul
+// against the row-quantized weight, and the outlier columns kept in float.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cmath>
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
+#include "checks.h"
+#include "cpu/isa.h"
+
+namespace lowbit {
+namespace {
+
+// Above this many rows the BLAS-backed at::_int_mm wins over the GEMV kernel below.
+constexpr int64_t kMaxGemvRows = 8;
+
+struct RowQuantized {
+  at::Tensor q;             // int8 [M, K]
+  at::Tensor row_stats;     // float32 [M]
+  at::Tensor outlier_cols;  // int64 [n_outliers]
+};
+
+// x: float32 [M, K], contiguous.
+RowQuantized quantize_rows(const at::Tensor& x, double threshold) {
+  const int64_t M = x.size(0), K = x.size(1);
+  const float thr = static_cast<float>(threshold);
+  at::Tensor col_is_outlier;
+  at::Tensor outlier_cols = at::empty({0}, x.options().dtype(at::kLong));
+  if (threshold > 0 && x.numel() > 0) {
+    col_is_outlier = (x.abs() >= thr).any(0).to(at::kByte).contiguous();
+    outlier_cols = at::nonzero(col_is_outlier).view(-1);
+  }
+  const uint8_t* outlier = outlier_cols.numel() > 0 ? col_is_outlier.const_data_ptr<uint8_t>() : nullptr;
+  at::Tensor q = at::empty({M, K}, x.options().dtype(at::kChar));
+  at::Tensor row_stats = at::empty({M}, x.options());
+  const float* src = x.const_data_ptr<float>();
+  int8_t* dst = q.data_ptr<int8_t>();
+  float* stats = row_stats.data_ptr<float>();
+  at::parallel_for(0, M, 1, [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m) {
+      const float* xr = src + m * K;
+      // Outlier elements do not count towards the row's scale (their columns go through float).
+      float amax = 0.f;
+      for (int64_t k = 0; k < K; ++k) {
+        const float a = std::abs(xr[k]);
+        if (threshold <= 0 || a < thr) amax = std::max(amax, a);
+      }
+      stats[m] = amax;
+      // 127 / absmax first, then multiply, then round half to even: the reference's arithmetic.
+      const float s = amax > 0 ? 127.0f / amax : 0.f;
+      for (int64_t k = 0; k < K; ++k) {
+        const bool skip = outlier && outlier[k];
+        dst[m * K + k] = skip ? 0 : static_cast<int8_t>(std::nearbyint(xr[k] * s));
+      }
+    }
+  });
+  return {q, row_stats, outlier_cols};
+}
+
+void int8_gemv_portable(const int8_t* a, const int8_t* b, int64_t M, int64_t N, int64_t K, int32_t* out) {
+  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n)
+      for (int64_t m = 0; m < M; ++m) {
+        int32_t acc = 0;
+        for (int64_t k = 0; k < K; ++k) acc += int32_t(a[m * K + k]) * int32_t(b[n * K + k]);
+        out[m * N + n] = acc;
+      }
+  });
+}
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+// The activations are widened to int16 once per call; each weight row is widened 32 bytes at a
+// time and vpmaddwd multiplies and pair-adds into int32 lanes (no overflow: |pair| <= 2 * 127^2).
+__attribute__((target("avx512f,avx512bw"))) void int8_gemv_avx512_rows(const int16_t* a16, const int8_t* b,
+                                                                        int64_t M, int64_t N, int64_t K,
+                                                                        int32_t* out, int64_t n0, int64_t n1) {
+  const int64_t K32 = K / 32 * 32;
+  for (int64_t n = n0; n < n1; ++n) {
+    const int8_t* row = b + n * K;
+    for (int64_t m = 0; m < M; ++m) {
+      const int16_t* am = a16 + m * K;
+      __m512i acc = _mm512_setzero_si512();
+      for (int64_t k = 0; k < K32; k += 32) {
+        const __m512i w = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + k)));
+        acc = _mm512_add_epi32(acc, _mm512_madd_epi16(w, _mm512_loadu_si512(am + k)));
+      }
+      int32_t total = _mm512_reduce_add_epi32(acc);
+      for (int64_t k = K32; k < K; ++k) total += int32_t(am[k]) * int32_t(row[k]);
+      out[m * N + n] = total;
+    }
+  }
+}
+
+void int8_gemv_avx512(const int8_t* a, const int8_t* b, int64_t M, int64_t N, int64_t K, int32_t* out) {
+  std::vector<int16_t> a16(a, a + M * K);
+  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+    int8_gemv_avx512_rows(a16.data(), b, M, N, K, out, n0, n1);
+  });
+}
+#endif
+
+// a: int8 [M, K], b: int8 [N, K], both contiguous -> int32 [M, N].
+at::Tensor int8_matmul(const at::Tensor& a, const at::Tensor& b) {
+  const int64_t M = a.size(0), K = a.size(1), N = b.size(0);
+  if (M > kMaxGemvRows && K > 0 && N > 0) return at::_int_mm(a, b.t());
+  at::Tensor out = at::empty({M, N}, a.options().dtype(at::kInt));
+  if (M == 0 || N == 0) return out;
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+  if (use_avx512()) {
+    int8_gemv_avx512(a.const_data_ptr<int8_t>(), b.const_data_ptr<int8_t>(), M, N, K, out.data_ptr<int32_t>());
+    return out;
+  }
+#endif
+  int8_gemv_portable(a.const_data_ptr<int8_t>(), b.const_data_ptr<int8_t>(), M, N, K, out.data_ptr<int32_t>());
+  return out;
+}
+
+at::Tensor flatten_rows(const at::Tensor& x) {
+  const int64_t K = x.size(-1);
+  return x.reshape({c10::multiply_integers(x.sizes().begin(), x.sizes().end() - 1), K});
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> int8_vectorwise_quant_cpu(const at::Tensor& A, double threshold) {
+  const char* op = "lowbit.int8_vectorwise_quant";
+  check_float(A, op, "A");
+  TORCH_CHECK_VALUE(A.dim() >= 1, op, ": A must have at least one dimension");
+  TORCH_CHECK_VALUE(threshold >= 0 && std::isfinite(threshold), op, ": threshold must be finite and >= 0, got ",
+                    threshold);
+  RowQuantized r = quantize_rows(flatten_rows(A).to(at::kFloat).contiguous(), threshold);
+  return {r.q.view(A.sizes()), r.row_stats, r.outlier_cols};
+}
+
+void check_int8_pair(const at::Tensor& A, const at::Tensor& B, const char* op) {
+  check_dtype(A, at::kChar, op, "A");
+  check_dtype(B, at::kChar, op, "B");
+  check_same_device(A, B, op, "B");
+  TORCH_CHECK_VALUE(A.dim() == 2 && B.dim() == 2, op, ": A and B must be 2-D, got ", A.sizes(), " and ", B.sizes());
+  TORCH_CHECK_VALUE(A.size(1) == B.size(1), op, ": A is ", A.sizes(), " and B is ", B.sizes(),
+                    "; A @ B.T needs the same last dimension");
+}
+
+at::Tensor int8_mm_cpu(const at::Tensor& A, const at::Tensor& B) {
+  check_int8_pair(A, B, "lowbit.int8_mm");
+  return int8_matmul(A.contiguous(), B.contiguous());
+}
+
+at::Tensor int8_linear_cpu(const at::Tensor& x, const at::Tensor& CB, const at::Tensor& SCB, double threshold,
+                           const std::optional<at::Tensor>& bias) {
+  const char* op = "lowbit.int8_linear";
+  check_float(x, op, "x");
+  TORCH_CHECK_VALUE(x.dim() >= 1, op, ": x must have at least one dimension");
+  check_dtype(CB, at::kChar, op, "weight (CB)");
+  check_dtype(SCB, at::kFloat, op, "SCB");
+  check_same_device(x, CB, op, "weight (CB)");
+  check_same_device(x, SCB, op, "SCB");
+  TORCH_CHECK_VALUE(CB.dim() == 2, op, ": weight (CB) must be 2-D [out_features, in_features], got ", CB.sizes());
+  const int64_t N = CB.size(0), K = CB.size(1);
+  TORCH_CHECK_VALUE(x.size(-1) == K, op, ": x has ", x.size(-1), " features but the weight expects ", K);
+  check_numel(SCB, N, op, "SCB");
+  TORCH_CHECK_VALUE(threshold >= 0 && std::isfinite(threshold), op, ": threshold must be finite and >= 0, got ",
+                    threshold);
+  if (bias.has_value()) {
+    check_same_device(x, *bias, op, "bias");
+    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == N, op, ": bias must have shape [", N, "], got ",
+                      bias->sizes());
+  }
+
+  const at::Tensor x2 = flatten_rows(x).to(at::kFloat).contiguous();
+  const at::Tensor w = CB.contiguous();
+  const at::Tensor wscale = SCB.contiguous();
+  const int64_t M = x2.size(0);
+  RowQuantized r = quantize_rows(x2, threshold);
+  const at::Tensor acc = int8_matmul(r.q, w);
+
+  // out = acc * row_scale * weight_scale / 127^2, fused in one pass over the int32 result.
+  at::Tensor out = at::empty({M, N}, x2.options());
+  const int32_t* a = acc.const_data_ptr<int32_t>();
+  const float* rs = r.row_stats.const_data_ptr<float>();
+  const float* ws = wscale.const_data_ptr<float>();
+  float* o = out.data_ptr<float>();
+  at::parallel_for(0, M, 1, [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m) {
+      const float row_scale = rs[m] * (1.0f / (127.0f * 127.0f));
+      for (int64_t n = 0; n < N; ++n) o[m * N + n] = static_cast<float>(a[m * N + n]) * (row_scale * ws[n]);
+    }
+  });
+  if (r.outlier_cols.numel() > 0) {
+    // The few outlier columns in float against the dequantized weight columns.
+    const at::Tensor w_cols = w.index_select(1, r.outlier_cols).to(at::kFloat) * (wscale / 127.0f).unsqueeze(1);
+    out.addmm_(x2.index_select(1, r.outlier_cols), w_cols.t());
+  }
+  if (bias.has_value()) out.add_(bias->to(at::kFloat));
+  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
+  out_shape.back() = N;
+  return out.to(x.scalar_type()).view(out_shape);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(lowbit, CPU, m) {
+  m.impl("int8_vectorwise_quant", &int8_vectorwise_quant_cpu);
+  m.impl("int8_mm", &int8_mm_cpu);
+  m.impl("int8_linear", &int8_linear_cpu);
+}
+
+}  // namespace lowbit

@@ -1,0 +1,244 @@
+// y = x @ dequant(W).T + bias for a 4-bit weight on the CPU, never materializing dequant(W).
+//
+// Two regimes, because their bottlenecks differ:
+//  * few rows of x (decode): the weight is read once and each byte is used for only M
+//    multiply-adds, so the kernel is bound by memory and by the cost of decoding codes. The
+//    AVX-512 path decodes 16 codes with one vpermps against the 16-entry table held in a
+//    register, and feeds the floats straight into FMAs; nothing is written back.
+//  * many rows (prefill): the work is a real GEMM; dequantize a slab of weight rows that fits
+//    in L2 and hand it to the BLAS GEMM, so the dequantization is amortized over all M rows.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
+#include "checks.h"
+#include "cpu/isa.h"
+#include "formats.h"
+
+namespace lowbit {
+namespace {
+
+// Above this many rows of x the tiled dequantize + GEMM path wins (benchmarks/bench_cpu.py).
+constexpr int64_t kMaxGemvRows = 8;
+// Weight slab handed to the GEMM at a time: about 1 MiB of float32, so it stays in L2.
+constexpr int64_t kSlabFloats = 1 << 18;
+
+// A read-only view of one packed weight with its per-block scales.
+struct Weight4 {
+  const uint8_t* packed;
+  int64_t N, K, blocksize;
+  const float* table;
+  const float* absmax;        // plain float32 scales, or null when double-quantized
+  const uint8_t* absmax_q;    // double-quantized scale codes
+  const float* nested_absmax;
+  const float* nested_code;
+  float nested_offset;
+  int64_t nested_blocksize;
+
+  float scale(int64_t block) const {
+    if (absmax) return absmax[block];
+    return nested_code[absmax_q[block]] * nested_absmax[block / nested_blocksize] + nested_offset;
+  }
+
+  // Row n into dst[0, K). Works for any K: a row may start mid-byte and blocks may span rows.
+  void dequantize_row(int64_t n, float* dst) const {
+    const int64_t base = n * K;
+    int64_t k = 0;
+    while (k < K) {
+      const int64_t block = (base + k) / blocksize;
+      const int64_t end = std::min(K, (block + 1) * blocksize - base);
+      const float s = scale(block);
+      for (; k < end; ++k) {
+        const int64_t idx = base + k;
+        const uint8_t byte = packed[idx >> 1];
+        dst[k] = table[(idx & 1) ? (byte & 0xF) : (byte >> 4)] * s;
+      }
+    }
+  }
+};
+
+// Portable few-rows path: dequantize one weight row into a small buffer, then dot it with each x row.
+void gemv_portable(const Weight4& w, const float* x, int64_t M, float* out) {
+  at::parallel_for(0, w.N, 16, [&](int64_t n0, int64_t n1) {
+    std::vector<float> row(w.K);
+    for (int64_t n = n0; n < n1; ++n) {
+      w.dequantize_row(n, row.data());
+      for (int64_t m = 0; m < M; ++m) {
+        const float* xm = x + m * w.K;
+        float acc = 0.f;
+        for (int64_t k = 0; k < w.K; ++k) acc += row[k] * xm[k];
+        out[m * w.N + n] = acc;
+      }
+    }
+  });
+}
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define LOWBIT_AVX512 __attribute__((target("avx512f,avx512bw")))
+
+// Byte j of a 16-byte group holds elements 2j (high nibble) and 2j+1 (low nibble). Rather than
+// interleave decoded weights, x is reordered once per call so that each 32-element chunk holds
+// its 16 even elements and then its 16 odd ones; each nibble plane then meets its x directly.
+void deinterleave_x(const float* x, int64_t M, int64_t K, float* xp) {
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t c = 0; c < K; c += 32)
+      for (int j = 0; j < 16; ++j) {
+        xp[m * K + c + j] = x[m * K + c + 2 * j];
+        xp[m * K + c + 16 + j] = x[m * K + c + 2 * j + 1];
+      }
+}
+
+// MT rows of x at a time (a template so the accumulators stay in registers). Needs K to be a
+// multiple of blocksize, so every row starts on a byte and a block never spans two rows.
+template <int MT>
+LOWBIT_AVX512 void gemv_avx512_rows(const Weight4& w, const float* xp, float* out, int64_t n0, int64_t n1) {
+  const __m512 table = _mm512_loadu_ps(w.table);
+  const __m512i low_nibble = _mm512_set1_epi32(0xF);
+  const int64_t blocks_per_row = w.K / w.blocksize;
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* row = w.packed + n * w.K / 2;
+    __m512 acc[MT];
+    for (int m = 0; m < MT; ++m) acc[m] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < blocks_per_row; ++b) {
+      // Separate accumulators for the even and odd planes halve the FMA dependency chain.
+      __m512 even[MT], odd[MT];
+      for (int m = 0; m < MT; ++m) even[m] = odd[m] = _mm512_setzero_ps();
+      for (int64_t k = b * w.blocksize; k < (b + 1) * w.blocksize; k += 32) {
+        const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + k / 2)));
+        const __m512 w_even = _mm512_permutexvar_ps(_mm512_srli_epi32(bytes, 4), table);
+        const __m512 w_odd = _mm512_permutexvar_ps(_mm512_and_si512(bytes, low_nibble), table);
+        for (int m = 0; m < MT; ++m) {
+          even[m] = _mm512_fmadd_ps(w_even, _mm512_loadu_ps(xp + m * w.K + k), even[m]);
+          odd[m] = _mm512_fmadd_ps(w_odd, _mm512_loadu_ps(xp + m * w.K + k + 16), odd[m]);
+        }
+      }
+      const __m512 s = _mm512_set1_ps(w.scale(n * blocks_per_row + b));
+      for (int m = 0; m < MT; ++m) acc[m] = _mm512_fmadd_ps(_mm512_add_ps(even[m], odd[m]), s, acc[m]);
+    }
+    for (int m = 0; m < MT; ++m) out[m * w.N + n] = _mm512_reduce_add_ps(acc[m]);
+  }
+}
+
+void gemv_avx512(const Weight4& w, const float* x, int64_t M, float* out) {
+  std::vector<float> xp(M * w.K);
+  deinterleave_x(x, M, w.K, xp.data());
+  at::parallel_for(0, w.N, 16, [&](int64_t n0, int64_t n1) {
+    for (int64_t m = 0; m < M; m += 4) {
+      const float* xm = xp.data() + m * w.K;
+      float* om = out + m * w.N;
+      switch (std::min<int64_t>(4, M - m)) {
+        case 1: gemv_avx512_rows<1>(w, xm, om, n0, n1); break;
+        case 2: gemv_avx512_rows<2>(w, xm, om, n0, n1); break;
+        case 3: gemv_avx512_rows<3>(w, xm, om, n0, n1); break;
+        default: gemv_avx512_rows<4>(w, xm, om, n0, n1); break;
+      }
+    }
+  });
+}
+#endif
+
+// Many-rows path: out[:, slab] = x @ dequant(W[slab]).T, one L2-sized slab of weight rows at a time.
+void gemm_slabs(const Weight4& w, const at::Tensor& x, at::Tensor& out) {
+  const int64_t slab_rows = std::clamp<int64_t>(kSlabFloats / std::max<int64_t>(w.K, 1), 16, w.N);
+  at::Tensor slab = at::empty({slab_rows, w.K}, x.options());
+  for (int64_t n0 = 0; n0 < w.N; n0 += slab_rows) {
+    const int64_t rows = std::min(slab_rows, w.N - n0);
+    float* dst = slab.data_ptr<float>();
+    at::parallel_for(0, rows, 4, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) w.dequantize_row(n0 + r, dst + r * w.K);
+    });
+    out.narrow(1, n0, rows).copy_(at::mm(x, slab.narrow(0, 0, rows).t()));
+  }
+}
+
+at::Tensor linear_4bit_cpu(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
+                           int64_t blocksize, c10::string_view quant_type, int64_t out_features,
+                           const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& nested_absmax,
+                           const std::optional<at::Tensor>& nested_code, double nested_offset,
+                           int64_t nested_blocksize) {
+  const char* op = "lowbit.linear_4bit";
+  check_blocksize(blocksize, op);
+  const float* table = code_table(parse_quant_type(quant_type, op));
+  check_float(x, op, "x");
+  TORCH_CHECK_VALUE(x.dim() >= 1, op, ": x must have at least one dimension");
+  check_dtype(packed, at::kByte, op, "packed weight");
+  check_same_device(x, packed, op, "packed weight");
+  check_same_device(x, absmax, op, "absmax");
+  TORCH_CHECK_VALUE(out_features >= 0, op, ": out_features must be non-negative, got ", out_features);
+  const int64_t K = x.size(-1);
+  const int64_t N = out_features;
+  const int64_t n = N * K;
+  TORCH_CHECK_VALUE(packed.numel() == (n + 1) / 2, op, ": the packed weight holds ", packed.numel(),
+                    " bytes but a [", N, ", ", K, "] weight needs ", (n + 1) / 2,
+                    " (does x's last dimension match in_features?)");
+  const int64_t nblocks = (n + blocksize - 1) / blocksize;
+  check_numel(absmax, nblocks, op, "absmax");
+
+  Weight4 w{};
+  const at::Tensor q = packed.contiguous();
+  const at::Tensor scales = absmax.contiguous();
+  at::Tensor nested_scales, nested_table;
+  w.packed = q.const_data_ptr<uint8_t>();
+  w.N = N;
+  w.K = K;
+  w.blocksize = blocksize;
+  w.table = table;
+  if (scales.scalar_type() == at::kFloat) {
+    w.absmax = scales.const_data_ptr<float>();
+  } else {
+    TORCH_CHECK_TYPE(scales.scalar_type() == at::kByte, op,
+                     ": absmax must be float32, or uint8 when double-quantized, got ", scales.scalar_type());
+    TORCH_CHECK_VALUE(nested_absmax.has_value() && nested_code.has_value(), op,
+                      ": a double-quantized (uint8) absmax needs nested_absmax and nested_code");
+    check_blocksize(nested_blocksize, op);
+    nested_scales = nested_absmax->contiguous();
+    nested_table = nested_code->contiguous();
+    check_dtype(nested_scales, at::kFloat, op, "nested_absmax");
+    check_dtype(nested_table, at::kFloat, op, "nested_code");
+    check_same_device(x, nested_scales, op, "nested_absmax");
+    check_same_device(x, nested_table, op, "nested_code");
+    check_numel(nested_scales, (nblocks + nested_blocksize - 1) / nested_blocksize, op, "nested_absmax");
+    check_numel(nested_table, 256, op, "nested_code");
+    w.absmax_q = scales.const_data_ptr<uint8_t>();
+    w.nested_absmax = nested_scales.const_data_ptr<float>();
+    w.nested_code = nested_table.const_data_ptr<float>();
+    w.nested_offset = static_cast<float>(nested_offset);
+    w.nested_blocksize = nested_blocksize;
+  }
+  if (bias.has_value()) {
+    check_same_device(x, *bias, op, "bias");
+    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == N, op, ": bias must have shape [", N, "], got ",
+                      bias->sizes());
+  }
+
+  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
+  out_shape.back() = N;
+  const int64_t M = c10::multiply_integers(x.sizes().begin(), x.sizes().end() - 1);
+  const at::Tensor x2 = x.reshape({M, K}).to(at::kFloat).contiguous();
+  at::Tensor out = at::empty({M, N}, x2.options());
+  if (M > 0 && N > 0) {
+    if (K == 0) {
+      out.zero_();
+    } else if (M > kMaxGemvRows) {
+      gemm_slabs(w, x2, out);
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+    } else if (K % blocksize == 0 && use_avx512()) {
+      gemv_avx512(w, x2.const_data_ptr<float>(), M, out.data_ptr<float>());
+#endif
+    } else {
+      gemv_portable(w, x2.const_data_ptr<float>(), M, out.data_ptr<float>());
+    }
+  }
+  if (bias.has_value()) out.add_(bias->to(at::kFloat));
+  return out.to(x.scalar_type()).reshape(out_shape);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(lowbit, CPU, m) { m.impl("linear_4bit", &linear_4bit_cpu); }
+
+}  // namespace lowbit

@@ -1,0 +1,32 @@
+"""lowbit: 8-bit and 4-bit quantized linear layers for PyTorch, with native kernels,
+bitsandbytes-compatible checkpoints and an accuracy-tradeoff report.
+
+    import lowbit
+    model = lowbit.quantize_model(model, lowbit.LowbitConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4"))
+"""
+
+import torch  # noqa: F401  (first: the native library links against it)
+
+from . import _native
+
+_BUILD = _native.load()
+
+from . import ops, reference  # noqa: E402
+from .config import BitsAndBytesConfig, LowbitConfig  # noqa: E402
+from .nn import Linear4bit, Linear8bit  # noqa: E402
+from .quantize import quantize_model, replace_linears  # noqa: E402
+
+__version__ = _BUILD["version"]
+build_info = _native.build_info
+
+__all__ = [
+    "BitsAndBytesConfig",
+    "Linear4bit",
+    "Linear8bit",
+    "LowbitConfig",
+    "build_info",
+    "ops",
+    "quantize_model",
+    "reference",
+    "replace_linears",
+]

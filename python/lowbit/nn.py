@@ -1,0 +1,293 @@
+"""Quantized drop-in replacements for nn.Linear: Linear8bit (LLM.int8()) and Linear4bit (NF4/FP4).
+
+Weights are buffers (integer tensors and float32 scales), never floating Parameters, so optimizers
+and adapters (peft) leave them alone; the bias stays a Parameter. state_dict keys and tensors are
+those bitsandbytes writes, so checkpoints load both ways."""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Optional
+
+import torch
+import torch.nn as nn
+
+from . import ops
+from .formats import (
+    NESTED_BLOCKSIZE,
+    NestedState,
+    QuantState4bit,
+    check_blocksize,
+    check_packed,
+    check_quant_type,
+    code_4bit,
+    dtype_name,
+    dynamic_map,
+)
+
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+class _QuantizedLinear(nn.Module):
+    """What both layers share: shapes, bias, state_dict plumbing, and dtype-safe `.to()`."""
+
+    # Buffers whose dtype is part of the format: `.to(dtype)`/`.half()` move them but never cast them.
+    _format_buffers: tuple[str, ...] = ()
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, device, dtype):
+        super().__init__()
+        if in_features < 0 or out_features < 0:
+            raise ValueError(f"in_features and out_features must be >= 0, got {in_features}, {out_features}")
+        self.in_features = in_features
+        self.out_features = out_features
+        self.weight_dtype = dtype or torch.get_default_dtype()  # the dtype of the weight before quantization
+        self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=self.weight_dtype)) if bias else None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, **options: Any):
+        """A quantized copy of `linear` (its weight is quantized; `linear` is left untouched)."""
+        w = linear.weight
+        layer = cls(linear.in_features, linear.out_features, linear.bias is not None, device=w.device, dtype=w.dtype,
+                    **options)  # fmt: skip
+        layer.quantize_weight_(w)
+        if linear.bias is not None:
+            layer.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=linear.bias.requires_grad)
+        return layer
+
+    def _check_weight(self, weight: torch.Tensor) -> None:
+        if weight.shape != (self.out_features, self.in_features):
+            raise ValueError(f"weight has shape {list(weight.shape)}, expected [{self.out_features}, {self.in_features}]")
+        if weight.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"weight must be float32, float16 or bfloat16, got {weight.dtype}")
+        if weight.device.type == "meta":
+            raise ValueError("cannot quantize a weight on the meta device (it has no values)")
+
+    def _place(self, t: torch.Tensor) -> torch.Tensor:
+        """Loaded tensors follow the layer's device, unless the layer is still on meta."""
+        here = self.weight.device
+        return t if here.type == "meta" else t.to(here)
+
+    def _apply(self, fn, recurse=True):
+        kept = {name: self._buffers[name] for name in self._format_buffers if self._buffers.get(name) is not None}
+        super()._apply(fn, recurse)
+        for name, before in kept.items():
+            after = self._buffers[name]
+            if after.dtype != before.dtype:  # a dtype cast: undo it from the untouched original
+                self._buffers[name] = before.to(after.device)
+        return self
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):  # fmt: skip
+        ours = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+        bias = ours.pop("bias", None)
+        if "weight" in ours:
+            self.load_quantized_(ours)
+        else:
+            missing_keys.append(prefix + "weight")
+        if self.bias is not None:
+            if bias is None:
+                missing_keys.append(prefix + "bias")
+            else:
+                with torch.no_grad():
+                    self.bias = nn.Parameter(self._place(bias).to(self.bias.dtype), requires_grad=self.bias.requires_grad)
+        elif bias is not None:
+            unexpected_keys.append(prefix + "bias")
+        unexpected_keys.extend(prefix + k for k in ours if k != "weight" and not self._owns_key(k))
+
+    def _nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in list(self.buffers()) + list(self.parameters()))
+
+
+class Linear4bit(_QuantizedLinear):
+    """A linear layer whose weight is stored in 4 bits (NF4 or FP4), blockwise absmax-scaled.
+
+    quant_type: "nf4" (best for normally distributed weights) or "fp4"; blocksize: elements per
+    absmax scale (power of two, 32..4096); double_quant: store the absmax values themselves in
+    8 bits (saves ~0.37 bits per weight at blocksize 64); compute_dtype: dtype of the matmul
+    input/output (default: the input's); quant_storage: dtype the packed bytes are viewed as."""
+
+    _format_buffers = ("weight", "absmax", "quant_map", "nested_absmax", "nested_quant_map")
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        *,
+        quant_type: str = "nf4",
+        blocksize: int = 64,
+        double_quant: bool = False,
+        compute_dtype: Optional[torch.dtype] = None,
+        quant_storage: torch.dtype = torch.uint8,
+        device=None,
+        dtype=None,
+    ):
+        super().__init__(in_features, out_features, bias, device, dtype)
+        self.quant_type = check_quant_type(quant_type)
+        self.blocksize = check_blocksize(blocksize)
+        self.double_quant = bool(double_quant)
+        self.compute_dtype = compute_dtype
+        self.quant_storage = quant_storage
+        n = in_features * out_features
+        n_bytes = (n + 1) // 2
+        item = quant_storage.itemsize
+        if n_bytes % item:
+            raise ValueError(f"quant_storage {quant_storage} needs the packed size ({n_bytes} bytes) to be a multiple "
+                             f"of {item}; use quant_storage=torch.uint8 for this shape")
+        n_blocks = -(-n // self.blocksize)
+        self.register_buffer("weight", torch.empty((n_bytes // item, 1), dtype=quant_storage, device=device))
+        self.register_buffer("absmax", torch.empty(n_blocks, dtype=torch.uint8 if double_quant else torch.float32,
+                                                   device=device), persistent=False)  # fmt: skip
+        self.register_buffer("quant_map", code_4bit(quant_type, device), persistent=False)
+        if double_quant:
+            self.register_buffer("nested_absmax", torch.empty(-(-n_blocks // NESTED_BLOCKSIZE), device=device),
+                                 persistent=False)  # fmt: skip
+            self.register_buffer("nested_quant_map", dynamic_map(device), persistent=False)
+        self.nested_offset = 0.0
+
+    def _nested(self) -> Optional[NestedState]:
+        if not self.double_quant:
+            return None
+        return NestedState(self.nested_absmax, self.nested_quant_map, self.nested_offset, NESTED_BLOCKSIZE)
+
+    def quant_state(self) -> QuantState4bit:
+        return QuantState4bit(self.quant_type, self.blocksize, (self.out_features, self.in_features),
+                              self.weight_dtype, self.absmax, self.quant_map, self._nested())  # fmt: skip
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = self.compute_dtype or x.dtype
+        out = ops.linear_4bit(x.to(dtype), self.weight, self.absmax, self.blocksize, self.quant_type,
+                              self.out_features, self.bias, self._nested())  # fmt: skip
+        return out.to(x.dtype)
+
+    @torch.no_grad()
+    def dequantize(self) -> torch.Tensor:
+        """The weight in its original dtype (a full-size copy)."""
+        state = self.quant_state()
+        return ops.dequantize_4bit(self.weight, state.float_absmax(), self.blocksize, self.quant_type,
+                                   state.shape, self.weight_dtype)  # fmt: skip
+
+    @torch.no_grad()
+    def quantize_weight_(self, weight: torch.Tensor) -> None:
+        """Quantize a full-precision [out_features, in_features] weight into this layer (on its device)."""
+        self._check_weight(weight)
+        packed, absmax = ops.quantize_4bit(weight, self.blocksize, self.quant_type)
+        if self.double_quant:
+            offset = absmax.mean()
+            absmax, nested_absmax = ops.quantize_blockwise(absmax - offset, dynamic_map(absmax.device), NESTED_BLOCKSIZE)
+            self.nested_absmax = nested_absmax
+            self.nested_quant_map = dynamic_map(absmax.device)
+            self.nested_offset = offset.item()
+        self.weight = packed.view(self.quant_storage) if self.quant_storage != torch.uint8 else packed
+        self.absmax = absmax
+        self.quant_map = code_4bit(self.quant_type, packed.device)
+        self.weight_dtype = weight.dtype
+
+    @torch.no_grad()
+    def load_quantized_(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        """Load a pre-quantized weight from bitsandbytes-style tensors ("weight", "weight.absmax",
+        "weight.quant_map", ["weight.nested_absmax", "weight.nested_quant_map"],
+        "weight.quant_state.bitsandbytes__nf4|fp4"). Adopts the checkpoint's quant_type, blocksize and
+        double quantization; raises ValueError naming what is missing or inconsistent."""
+        if "weight" not in tensors:
+            raise ValueError("checkpoint lacks 'weight' for a 4-bit layer")
+        state = QuantState4bit.from_state_dict(tensors, "weight.")
+        if state.shape != (self.out_features, self.in_features):
+            raise ValueError(f"checkpoint weight has shape {list(state.shape)}, but this layer is "
+                             f"[{self.out_features}, {self.in_features}]")  # fmt: skip
+        packed = tensors["weight"]
+        check_packed(packed, state.numel)
+        self.quant_type, self.blocksize, self.weight_dtype = state.quant_type, state.blocksize, state.dtype
+        self.quant_storage = packed.dtype
+        self.weight = self._place(packed)
+        self.absmax = self._place(state.absmax)
+        self.quant_map = self._place(state.code)
+        self.double_quant = state.nested is not None
+        if state.nested is not None:
+            self.nested_absmax = self._place(state.nested.absmax)
+            self.nested_quant_map = self._place(state.nested.code)
+            self.nested_offset = state.nested.offset
+        else:
+            for name in ("nested_absmax", "nested_quant_map"):
+                self._buffers.pop(name, None)
+
+    @staticmethod
+    def _owns_key(key: str) -> bool:
+        return key.startswith("weight.")  # the quant state travels under weight.*
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)  # weight and bias
+        for key, value in self.quant_state().to_state_dict(prefix + "weight.").items():
+            destination[key] = value if keep_vars else value.detach()
+
+    def extra_repr(self) -> str:
+        dq = ", double_quant=True" if self.double_quant else ""
+        cd = f", compute_dtype={dtype_name(self.compute_dtype)}" if self.compute_dtype else ""
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"quant_type={self.quant_type}, blocksize={self.blocksize}{dq}{cd}, {self._nbytes() / 2**10:.1f} KiB")
+
+
+class Linear8bit(_QuantizedLinear):
+    """A linear layer with an int8 weight (LLM.int8()): CB = round(W * 127 / SCB) per row.
+
+    threshold: input columns holding any |x| >= threshold are computed in floating point against the
+    dequantized weight columns (the outlier decomposition); 0 quantizes everything to int8."""
+
+    _format_buffers = ("SCB",)
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, threshold: float = 6.0,
+                 device=None, dtype=None):  # fmt: skip
+        super().__init__(in_features, out_features, bias, device, dtype)
+        if not threshold >= 0 or threshold == float("inf"):
+            raise ValueError(f"threshold must be finite and >= 0 (0 disables outliers), got {threshold}")
+        self.threshold = float(threshold)
+        self.register_buffer("weight", torch.empty((out_features, in_features), dtype=torch.int8, device=device))
+        self.register_buffer("SCB", torch.empty(out_features, dtype=torch.float32, device=device))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ops.int8_linear(x, self.weight, self.SCB, self.threshold, self.bias)
+
+    @torch.no_grad()
+    def dequantize(self) -> torch.Tensor:
+        return (self.weight.float() * (self.SCB / 127.0).unsqueeze(1)).to(self.weight_dtype)
+
+    @torch.no_grad()
+    def quantize_weight_(self, weight: torch.Tensor) -> None:
+        self._check_weight(weight)
+        # Rows are scaled from the float16-rounded weight, as bitsandbytes does: identical CB/SCB.
+        half = weight.to(torch.float16)
+        if not torch.isfinite(half).all():
+            raise ValueError("weight has NaN/Inf values or values beyond float16 range (|w| > 65504); cannot quantize")
+        self.weight, self.SCB, _ = ops.int8_vectorwise_quant(half, 0.0)
+        self.weight_dtype = weight.dtype
+
+    @torch.no_grad()
+    def load_quantized_(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        """Load "weight" (int8 CB), "SCB" (float32) and optionally "weight_format" (0 = row-major)."""
+        for key in ("weight", "SCB"):
+            if key not in tensors:
+                raise ValueError(f"checkpoint lacks '{key}' for an 8-bit layer")
+        cb, scb = tensors["weight"], tensors["SCB"]
+        fmt = tensors.get("weight_format")
+        if fmt is not None and int(fmt.item() if isinstance(fmt, torch.Tensor) else fmt) != 0:
+            raise ValueError(f"weight_format {int(fmt)} is not supported (only 0, row-major int8, is)")
+        if cb.dtype != torch.int8 or cb.shape != (self.out_features, self.in_features):
+            raise ValueError(f"8-bit 'weight' must be int8 [{self.out_features}, {self.in_features}], got "
+                             f"{cb.dtype} {list(cb.shape)} (a full-precision checkpoint needs quantize_weight_)")  # fmt: skip
+        if scb.dtype != torch.float32 or scb.shape != (self.out_features,):
+            raise ValueError(f"'SCB' must be float32 [{self.out_features}], got {scb.dtype} {list(scb.shape)}")
+        if scb.device.type != "meta" and not torch.isfinite(scb).all():
+            raise ValueError("'SCB' holds NaN/Inf (corrupt checkpoint)")
+        self.weight = self._place(cb)
+        self.SCB = self._place(scb)
+
+    @staticmethod
+    def _owns_key(key: str) -> bool:
+        return key in ("SCB", "weight_format")
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)  # weight, SCB and bias
+        destination[prefix + "weight_format"] = torch.tensor(0, dtype=torch.uint8)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"threshold={self.threshold}, {self._nbytes() / 2**10:.1f} KiB")

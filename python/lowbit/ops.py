@@ -1,0 +1,193 @@
+"""Typed wrappers over torch.ops.lowbit.*, their fake (shape-only) kernels for torch.compile and
+meta tensors, and autograd for the linear ops (gradients flow to the input and bias; quantized
+weights are frozen, as in QLoRA).
+
+Schemas live in csrc/ops.cpp; the device kernels validate their arguments and raise ValueError /
+TypeError naming the problem, so these wrappers only supply defaults and convenient types."""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+from .formats import NESTED_BLOCKSIZE, NestedState, dynamic_map
+
+_ops = torch.ops.lowbit
+
+
+def quantize_4bit(A: torch.Tensor, blocksize: int = 64, quant_type: str = "nf4") -> tuple[torch.Tensor, torch.Tensor]:
+    """Blockwise 4-bit quantization of A (flattened row-major).
+
+    Returns (packed uint8 [(numel + 1) // 2, 1], absmax float32 [ceil(numel / blocksize)])."""
+    return _ops.quantize_4bit(A, blocksize, quant_type)
+
+
+def dequantize_4bit(
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    blocksize: int,
+    quant_type: str,
+    shape: Sequence[int],
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    return _ops.dequantize_4bit(_as_bytes(packed), absmax, blocksize, quant_type, list(shape), dtype)
+
+
+def quantize_blockwise(
+    A: torch.Tensor, code: Optional[torch.Tensor] = None, blocksize: int = NESTED_BLOCKSIZE
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """8-bit blockwise quantization against `code` (default: the signed dynamic map)."""
+    code = dynamic_map(A.device) if code is None else code
+    return _ops.quantize_blockwise(A, code, blocksize)
+
+
+def dequantize_blockwise(
+    A: torch.Tensor,
+    absmax: torch.Tensor,
+    code: Optional[torch.Tensor] = None,
+    blocksize: int = NESTED_BLOCKSIZE,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    code = dynamic_map(A.device) if code is None else code
+    return _ops.dequantize_blockwise(A, absmax, code, blocksize, dtype)
+
+
+def linear_4bit(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    blocksize: int,
+    quant_type: str,
+    out_features: int,
+    bias: Optional[torch.Tensor] = None,
+    nested: Optional[NestedState] = None,
+) -> torch.Tensor:
+    """x @ dequantize(W).T + bias, with W [out_features, x.shape[-1]] packed by quantize_4bit."""
+    if nested is None:
+        return _ops.linear_4bit(x, _as_bytes(packed), absmax, blocksize, quant_type, out_features, bias)
+    return _ops.linear_4bit(
+        x, _as_bytes(packed), absmax, blocksize, quant_type, out_features, bias,
+        nested.absmax, nested.code, nested.offset, nested.blocksize,
+    )  # fmt: skip
+
+
+def int8_vectorwise_quant(
+    A: torch.Tensor, threshold: float = 0.0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Row-wise absmax int8 quantization. Returns (int8 like A, float32 row absmax, int64 outlier columns)."""
+    return _ops.int8_vectorwise_quant(A, threshold)
+
+
+def int8_mm(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    """Exact int8 [M, K] x int8 [N, K] -> int32 [M, N] (A @ B.T)."""
+    return _ops.int8_mm(A, B)
+
+
+def int8_linear(
+    x: torch.Tensor, CB: torch.Tensor, SCB: torch.Tensor, threshold: float = 0.0, bias: Optional[torch.Tensor] = None
+) -> torch.Tensor:
+    """LLM.int8() linear layer: int8 matmul plus the float outlier columns (threshold 0 disables them)."""
+    return _ops.int8_linear(x, CB, SCB, threshold, bias)
+
+
+def _as_bytes(packed: torch.Tensor) -> torch.Tensor:
+    # Weights stored with another quant_storage dtype (for FSDP) are a view of the same bytes.
+    return packed if packed.dtype == torch.uint8 else packed.contiguous().view(torch.uint8)
+
+
+# -- fake kernels ------------------------------------------------------------------------------
+
+
+@torch.library.register_fake("lowbit::quantize_4bit")
+def _(A, blocksize, quant_type):
+    n = A.numel()
+    return A.new_empty(((n + 1) // 2, 1), dtype=torch.uint8), A.new_empty((-(n // -blocksize),), dtype=torch.float32)
+
+
+@torch.library.register_fake("lowbit::dequantize_4bit")
+def _(packed, absmax, blocksize, quant_type, shape, dtype):
+    return packed.new_empty(shape, dtype=dtype)
+
+
+@torch.library.register_fake("lowbit::quantize_blockwise")
+def _(A, code, blocksize):
+    return A.new_empty(A.shape, dtype=torch.uint8), A.new_empty((-(A.numel() // -blocksize),), dtype=torch.float32)
+
+
+@torch.library.register_fake("lowbit::dequantize_blockwise")
+def _(A, absmax, code, blocksize, dtype):
+    return A.new_empty(A.shape, dtype=dtype)
+
+
+@torch.library.register_fake("lowbit::linear_4bit")
+def _(x, packed, absmax, blocksize, quant_type, out_features, bias=None, nested_absmax=None, nested_code=None,
+      nested_offset=0.0, nested_blocksize=256):  # fmt: skip
+    return x.new_empty((*x.shape[:-1], out_features))
+
+
+@torch.library.register_fake("lowbit::int8_vectorwise_quant")
+def _(A, threshold=0.0):
+    rows = A.numel() // A.shape[-1] if A.shape[-1] else 0
+    # How many columns hold outliers depends on the data.
+    n_outliers = torch.library.get_ctx().new_dynamic_size() if threshold > 0 else 0
+    return (
+        A.new_empty(A.shape, dtype=torch.int8),
+        A.new_empty((rows,), dtype=torch.float32),
+        A.new_empty((n_outliers,), dtype=torch.int64),
+    )
+
+
+@torch.library.register_fake("lowbit::int8_mm")
+def _(A, B):
+    return A.new_empty((A.shape[0], B.shape[0]), dtype=torch.int32)
+
+
+@torch.library.register_fake("lowbit::int8_linear")
+def _(x, CB, SCB, threshold=0.0, bias=None):
+    return x.new_empty((*x.shape[:-1], CB.shape[0]))
+
+
+# -- autograd ----------------------------------------------------------------------------------
+# d(x @ W.T + b)/dx = grad @ W with W dequantized on the fly; the weight itself gets no gradient.
+
+
+def _grad_input_and_bias(ctx, grad, weight: torch.Tensor):
+    grad_x = grad @ weight.to(grad.dtype) if ctx.needs_input_grad[0] else None
+    grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.bias_needs_grad else None
+    return grad_x, grad_bias
+
+
+def _setup_linear_4bit(ctx, inputs, output):
+    x, packed, absmax, blocksize, quant_type, out_features, bias, nested_absmax, nested_code, offset, nbs = inputs
+    ctx.save_for_backward(packed, absmax, nested_absmax, nested_code)
+    ctx.meta = (blocksize, quant_type, out_features, x.shape[-1], offset, nbs)
+    ctx.bias_needs_grad = bias is not None and bias.requires_grad
+
+
+def _backward_linear_4bit(ctx, grad):
+    packed, absmax, nested_absmax, nested_code = ctx.saved_tensors
+    blocksize, quant_type, out_features, in_features, offset, nbs = ctx.meta
+    if nested_absmax is not None:
+        absmax = dequantize_blockwise(absmax, nested_absmax, nested_code, nbs) + offset
+    weight = dequantize_4bit(packed, absmax, blocksize, quant_type, (out_features, in_features))
+    grad_x, grad_bias = _grad_input_and_bias(ctx, grad, weight)
+    return grad_x, None, None, None, None, None, grad_bias, None, None, None, None
+
+
+torch.library.register_autograd("lowbit::linear_4bit", _backward_linear_4bit, setup_context=_setup_linear_4bit)
+
+
+def _setup_int8_linear(ctx, inputs, output):
+    x, CB, SCB, threshold, bias = inputs
+    ctx.save_for_backward(CB, SCB)
+    ctx.bias_needs_grad = bias is not None and bias.requires_grad
+
+
+def _backward_int8_linear(ctx, grad):
+    CB, SCB = ctx.saved_tensors
+    grad_x, grad_bias = _grad_input_and_bias(ctx, grad, CB.float() * (SCB / 127.0).unsqueeze(1))
+    return grad_x, None, None, None, grad_bias
+
+
+torch.library.register_autograd("lowbit::int8_linear", _backward_int8_linear, setup_context=_setup_int8_linear)

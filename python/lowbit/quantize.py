@@ -1,0 +1,67 @@
+"""Swap nn.Linear modules for lowbit layers in any nn.Module (no transformers needed)."""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+import torch.nn as nn
+
+from .config import LowbitConfig
+from .nn import Linear4bit, Linear8bit
+
+
+def _layer_class(scheme: str):
+    return Linear8bit if scheme == "int8" else Linear4bit
+
+
+def _tied_linears(model: nn.Module) -> set[str]:
+    """Linear layers whose weight is shared with another module (e.g. an lm_head tied to the embeddings)."""
+    owners: dict[int, list[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        w = getattr(module, "weight", None)
+        if isinstance(w, torch.Tensor):
+            owners.setdefault(id(w), []).append(name)
+    return {n for names in owners.values() if len(names) > 1 for n in names}
+
+
+def _targets(model: nn.Module, config: LowbitConfig, skip: Iterable[str]) -> list[tuple[str, nn.Linear, str]]:
+    skip = set(skip) | _tied_linears(model)
+    found = []
+    for name, module in model.named_modules():
+        if type(module) is nn.Linear and name not in skip:  # subclasses may carry behaviour we would drop
+            scheme = config.scheme_for(name)
+            if scheme is not None:
+                found.append((name, module, scheme))
+    return found
+
+
+def _set(model: nn.Module, name: str, layer: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
+
+
+def replace_linears(model: nn.Module, config: LowbitConfig, skip: Iterable[str] = ()) -> list[str]:
+    """Replace each nn.Linear that `config` quantizes by an EMPTY lowbit layer on the same device
+    (meta included) and dtype; nothing is quantized or allocated on a real device for meta models.
+    Loaders then fill each layer with quantize_weight_() or load_quantized_(). Returns the names."""
+    names = []
+    for name, linear, scheme in _targets(model, config, skip):
+        w = linear.weight
+        layer = _layer_class(scheme)(linear.in_features, linear.out_features, linear.bias is not None,
+                                     device=w.device, dtype=w.dtype, **config.layer_options(scheme))  # fmt: skip
+        if linear.bias is not None:
+            layer.bias = linear.bias
+        _set(model, name, layer)
+        names.append(name)
+    return names
+
+
+@torch.no_grad()
+def quantize_model(model: nn.Module, config: LowbitConfig, skip: Iterable[str] = ()) -> nn.Module:
+    """Quantize `model` in place: every nn.Linear that `config` selects becomes a lowbit layer holding
+    its quantized weight. Tied weights, `lm_head` (unless configured otherwise) and names in `skip`
+    stay in full precision. Returns `model`."""
+    for name, linear, scheme in _targets(model, config, skip):
+        _set(model, name, _layer_class(scheme).from_linear(linear, **config.layer_options(scheme)))
+    return model

@@ -1,0 +1,135 @@
+"""Plain-PyTorch references for every lowbit op: readable, slow, and the yardstick the kernels are
+tested against. Same signatures and outputs as lowbit.ops."""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .formats import NESTED_BLOCKSIZE, NestedState, code_4bit, dynamic_map
+
+_MIN_ABSMAX = 1e-38
+
+
+def _blocks(A: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, int]:
+    """A flattened to float32 and zero-padded to [n_blocks, blocksize]; also returns numel."""
+    flat = A.reshape(-1).float()
+    n = flat.numel()
+    return F.pad(flat, (0, -n % blocksize)).view(-1, blocksize), n
+
+
+def quantize_4bit(A: torch.Tensor, blocksize: int = 64, quant_type: str = "nf4") -> tuple[torch.Tensor, torch.Tensor]:
+    code = code_4bit(quant_type, A.device)
+    blocks, n = _blocks(A, blocksize)
+    absmax = blocks.abs().amax(dim=1)
+    scaled = (blocks * (1.0 / absmax.clamp(min=_MIN_ABSMAX)).unsqueeze(1)).clamp(-1, 1).reshape(-1)[:n]
+    # Nearest code; a value exactly between two codes goes to the lower one (sorted, stable order).
+    order = torch.sort(code, stable=True).indices
+    sorted_code = code[order]
+    bounds = (sorted_code[:-1] + sorted_code[1:]) / 2
+    q = order[torch.bucketize(scaled, bounds)].to(torch.uint8)
+    if n % 2:
+        q = torch.cat([q, order[torch.bucketize(torch.zeros(1, device=A.device), bounds)].to(torch.uint8)])
+    packed = (q[0::2] << 4) | q[1::2]
+    return packed.unsqueeze(1), absmax
+
+
+def dequantize_4bit(
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    blocksize: int,
+    quant_type: str,
+    shape: Sequence[int],
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    code = code_4bit(quant_type, packed.device)
+    raw = packed.reshape(-1).view(torch.uint8)
+    q = torch.stack([raw >> 4, raw & 0xF], dim=1).reshape(-1).long()
+    n = 1
+    for s in shape:
+        n *= s
+    values = F.pad(code[q[:n]], (0, -n % blocksize)).view(-1, blocksize) * absmax.unsqueeze(1)
+    return values.reshape(-1)[:n].reshape(shape).to(dtype)
+
+
+def quantize_blockwise(
+    A: torch.Tensor, code: Optional[torch.Tensor] = None, blocksize: int = NESTED_BLOCKSIZE
+) -> tuple[torch.Tensor, torch.Tensor]:
+    code = dynamic_map(A.device) if code is None else code
+    blocks, n = _blocks(A, blocksize)
+    absmax = blocks.abs().amax(dim=1)
+    x = (blocks / absmax.clamp(min=_MIN_ABSMAX).unsqueeze(1)).reshape(-1)[:n]
+    # Nearest entry; on a tie the lower one wins.
+    lo = (torch.searchsorted(code, x, right=True) - 1).clamp(0, code.numel() - 1)
+    hi = (lo + 1).clamp(max=code.numel() - 1)
+    q = torch.where((x - code[hi]).abs() < (x - code[lo]).abs(), hi, lo)
+    return q.to(torch.uint8).reshape(A.shape), absmax
+
+
+def dequantize_blockwise(
+    A: torch.Tensor,
+    absmax: torch.Tensor,
+    code: Optional[torch.Tensor] = None,
+    blocksize: int = NESTED_BLOCKSIZE,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    code = dynamic_map(A.device) if code is None else code
+    values = code[A.reshape(-1).long()]
+    n = values.numel()
+    out = F.pad(values, (0, -n % blocksize)).view(-1, blocksize) * absmax.unsqueeze(1)
+    return out.reshape(-1)[:n].reshape(A.shape).to(dtype)
+
+
+def linear_4bit(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    blocksize: int,
+    quant_type: str,
+    out_features: int,
+    bias: Optional[torch.Tensor] = None,
+    nested: Optional[NestedState] = None,
+) -> torch.Tensor:
+    if nested is not None:
+        absmax = dequantize_blockwise(absmax, nested.absmax, nested.code, nested.blocksize) + nested.offset
+    weight = dequantize_4bit(packed, absmax, blocksize, quant_type, (out_features, x.shape[-1]), x.dtype)
+    return F.linear(x, weight, bias)
+
+
+def int8_vectorwise_quant(
+    A: torch.Tensor, threshold: float = 0.0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    rows = A.reshape(-1, A.shape[-1]).float()
+    magnitude = rows.abs()
+    if threshold > 0:
+        is_outlier = magnitude >= threshold
+        outlier_cols = is_outlier.any(dim=0).nonzero().view(-1)
+        magnitude = magnitude.masked_fill(is_outlier, 0)
+    else:
+        outlier_cols = torch.empty(0, dtype=torch.int64, device=A.device)
+    row_stats = magnitude.amax(dim=1) if rows.shape[1] else rows.new_zeros(rows.shape[0])
+    scale = torch.where(row_stats > 0, 127.0 / row_stats, torch.zeros_like(row_stats))
+    q = torch.round(rows * scale.unsqueeze(1))
+    q[:, outlier_cols] = 0
+    return q.to(torch.int8).reshape(A.shape), row_stats, outlier_cols
+
+
+def int8_mm(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    return (A.long() @ B.long().t()).to(torch.int32)
+
+
+def int8_linear(
+    x: torch.Tensor, CB: torch.Tensor, SCB: torch.Tensor, threshold: float = 0.0, bias: Optional[torch.Tensor] = None
+) -> torch.Tensor:
+    rows = x.reshape(-1, x.shape[-1]).float()
+    q, row_stats, outlier_cols = int8_vectorwise_quant(rows, threshold)
+    out = int8_mm(q, CB).float() * row_stats.unsqueeze(1) * SCB.unsqueeze(0) / (127.0 * 127.0)
+    weight_cols = CB[:, outlier_cols].float() * (SCB / 127.0).unsqueeze(1)
+    out = out + rows[:, outlier_cols] @ weight_cols.t()
+    if bias is not None:
+        out = out + bias.float()
+    return out.to(x.dtype).reshape(*x.shape[:-1], CB.shape[0])
+
+

@@ -1,0 +1,122 @@
+"""Shared fixtures: tiny Llama checkpoints with an offline tokenizer.
+
+No model hub is reachable, so every checkpoint the tests load is built here from a `LlamaConfig`
+with seeded random weights and saved to a temporary directory.
+"""
+
+import pytest
+import torch
+
+# Two shapes: "aligned" has every weight's numel (and in_features) a multiple of the 4-bit
+# blocksize; "odd" has none, so the last quantization block of each weight is partial.
+TINY_LLAMA_SHAPES = {
+    "aligned": dict(hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2),
+    "odd": dict(hidden_size=84, intermediate_size=150, num_attention_heads=2, num_key_value_heads=1),
+}
+
+
+def _byte_level_tokenizer():
+    """A byte-level tokenizer with no merges: 256 byte tokens plus <s> and </s>.
+
+    Every string round-trips, so the seed script's prompt works, and nothing is downloaded.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {symbol: i for i, symbol in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    vocab["<s>"] = len(vocab)
+    vocab["</s>"] = len(vocab)
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_factory(tmp_path_factory):
+    """`make(shape="aligned", tie_word_embeddings=False, num_hidden_layers=2) -> Path`: a saved tiny Llama,
+    built once per session per argument set."""
+    transformers = pytest.importorskip("transformers")
+    built = {}
+
+    def make(shape="aligned", tie_word_embeddings=False, num_hidden_layers=2):
+        key = (shape, tie_word_embeddings, num_hidden_layers)
+        if key not in built:
+            tokenizer = _byte_level_tokenizer()
+            config = transformers.LlamaConfig(
+                vocab_size=len(tokenizer),
+                num_hidden_layers=num_hidden_layers,
+                max_position_embeddings=256,
+                tie_word_embeddings=tie_word_embeddings,
+                bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.eos_token_id,
+                **TINY_LLAMA_SHAPES[shape],
+            )
+            torch.manual_seed(0)
+            model = transformers.LlamaForCausalLM(config)
+            path = tmp_path_factory.mktemp(f"tiny-llama-{shape}-{num_hidden_layers}l{'-tied' if tie_word_embeddings else ''}")
+            model.save_pretrained(path)
+            tokenizer.save_pretrained(path)
+            built[key] = path
+        return built[key]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tiny_llama_factory):
+    """A saved 2-layer Llama (hidden 128, vocab 258): config.json, model.safetensors and a tokenizer."""
+    return tiny_llama_factory()
+
+
+
+@pytest.fixture(scope="session")
+def logit_error_bound():
+    """`bound(fp_model, input_ids, layers) -> (bound, fp_logits)`: how far the logits of `fp_model` may move
+    when each of its linear layers `name` is replaced by `layers[name]`, derived from those layers' own errors.
+
+    Derivation. Let Δy_i = layers[name](x_i) − fp_layer(x_i) be layer i's output error, measured on the input
+    x_i it sees in the full-precision forward pass of the same prompt, so it is exactly the error of these
+    weights (and, for int8, of quantizing these activations). With every other layer exact, Δy_i moves the
+    logits by J_i·Δy_i + O(‖Δy_i‖²), J_i being the Jacobian of the logits w.r.t. that layer's output, which
+    we evaluate exactly as a forward-mode JVP in direction Δy_i. Errors of different layers add to first
+    order, so by the triangle inequality ‖Δlogits‖ ≤ Σ_i ‖J_i·Δy_i‖ · (1 + ε), where the relative size of
+    the dropped higher-order terms is bounded by ε = max_i ‖Δy_i‖ / ‖y_i‖, the largest relative layer
+    error. Nothing is tuned to make a test pass.
+    """
+
+    def bound(fp_model, input_ids, layers):
+        fp_layers = {name: fp_model.get_submodule(name) for name in layers}
+        inputs, outputs = {}, {}
+
+        def capture(name):
+            def hook(module, args, output):
+                inputs[name], outputs[name] = args[0].detach(), output.detach()
+
+            return hook
+
+        handles = [layer.register_forward_hook(capture(name)) for name, layer in fp_layers.items()]
+        with torch.no_grad():
+            fp_logits = fp_model(input_ids).logits
+        for handle in handles:
+            handle.remove()
+
+        first_order, epsilon = torch.tensor(0.0), torch.tensor(0.0)
+        for name, layer in fp_layers.items():
+            with torch.no_grad():
+                error = layers[name](inputs[name]).to(outputs[name].dtype) - outputs[name]
+            epsilon = torch.maximum(epsilon, error.norm() / outputs[name].norm())
+
+            def logits_with(delta, layer=layer):
+                handle = layer.register_forward_hook(lambda module, args, output: output + delta)
+                try:
+                    return fp_model(input_ids).logits
+                finally:
+                    handle.remove()
+
+            _, moved = torch.func.jvp(logits_with, (torch.zeros_like(error),), (error,))
+            first_order += moved.norm()
+        return first_order * (1 + epsilon), fp_logits
+
+    return bound
