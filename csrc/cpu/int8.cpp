@@ -51,8 +51,9 @@ RowQuantized quantize_rows(const at::Tensor& x, double threshold) {
         if (threshold <= 0 || a < thr) amax = std::max(amax, a);
       }
       stats[m] = amax;
-      // 127 / absmax first, then multiply, then round half to even: the reference's arithmetic.
-      const float s = amax > 0 ? 127.0f / amax : 0.f;
+      // (1 / absmax) * 127, then multiply, then round half to even: exactly the reference's (and
+      // bitsandbytes') float32 arithmetic, so int8 codes match bit for bit.
+      const float s = amax > 0 ? (1.0f / amax) * 127.0f : 0.f;
       for (int64_t k = 0; k < K; ++k) {
         const bool skip = outlier && outlier[k];
         dst[m * K + k] = skip ? 0 : static_cast<int8_t>(std::nearbyint(xr[k] * s));
@@ -107,7 +108,8 @@ void int8_gemv_avx512(const int8_t* a, const int8_t* b, int64_t M, int64_t N, in
 // a: int8 [M, K], b: int8 [N, K], both contiguous -> int32 [M, N].
 at::Tensor int8_matmul(const at::Tensor& a, const at::Tensor& b) {
   const int64_t M = a.size(0), K = a.size(1), N = b.size(0);
-  if (M > kMaxGemvRows && K > 0 && N > 0) return at::_int_mm(a, b.t());
+  // at::_int_mm returned wrong sums for K == 1 on the CPU (torch 2.13); tiny K is cheap here anyway.
+  if (M > kMaxGemvRows && K >= 16 && N > 0) return at::_int_mm(a, b.t());
   at::Tensor out = at::empty({M, N}, a.options().dtype(at::kInt));
   if (M == 0 || N == 0) return out;
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))

@@ -120,9 +120,17 @@ def _(A, absmax, code, blocksize, dtype):
     return A.new_empty(A.shape, dtype=dtype)
 
 
+def _check_devices(op: str, x: torch.Tensor, **tensors: Optional[torch.Tensor]) -> None:
+    # The device kernels check this too; fake kernels run instead of them for meta and traced inputs.
+    for name, t in tensors.items():
+        if t is not None and t.device != x.device:
+            raise ValueError(f"lowbit.{op}: {name} is on {t.device} but the input is on {x.device}")
+
+
 @torch.library.register_fake("lowbit::linear_4bit")
 def _(x, packed, absmax, blocksize, quant_type, out_features, bias=None, nested_absmax=None, nested_code=None,
       nested_offset=0.0, nested_blocksize=256):  # fmt: skip
+    _check_devices("linear_4bit", x, **{"packed weight": packed, "absmax": absmax, "bias": bias})
     return x.new_empty((*x.shape[:-1], out_features))
 
 
@@ -145,6 +153,7 @@ def _(A, B):
 
 @torch.library.register_fake("lowbit::int8_linear")
 def _(x, CB, SCB, threshold=0.0, bias=None):
+    _check_devices("int8_linear", x, **{"weight (CB)": CB, "SCB": SCB, "bias": bias})
     return x.new_empty((*x.shape[:-1], CB.shape[0]))
 
 

@@ -110,7 +110,7 @@ def int8_vectorwise_quant(
     else:
         outlier_cols = torch.empty(0, dtype=torch.int64, device=A.device)
     row_stats = magnitude.amax(dim=1) if rows.shape[1] else rows.new_zeros(rows.shape[0])
-    scale = torch.where(row_stats > 0, 127.0 / row_stats, torch.zeros_like(row_stats))
+    scale = torch.where(row_stats > 0, row_stats.reciprocal() * 127.0, torch.zeros_like(row_stats))
     q = torch.round(rows * scale.unsqueeze(1))
     q[:, outlier_cols] = 0
     return q.to(torch.int8).reshape(A.shape), row_stats, outlier_cols
