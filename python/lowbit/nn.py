@@ -177,7 +177,8 @@ class Linear4bit(_QuantizedLinear):
             self.nested_absmax = nested_absmax
             self.nested_quant_map = dynamic_map(absmax.device)
             self.nested_offset = offset.item()
-        self.weight = packed.view(self.quant_storage) if self.quant_storage != torch.uint8 else packed
+        # Other storage dtypes (for FSDP) view the same bytes, as bitsandbytes lays them out.
+        self.weight = packed.view(-1).view(self.quant_storage).unsqueeze(1)
         self.absmax = absmax
         self.quant_map = code_4bit(self.quant_type, packed.device)
         self.weight_dtype = weight.dtype
