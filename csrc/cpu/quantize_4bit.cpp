@@ -50,9 +50,15 @@ std::tuple<at::Tensor, at::Tensor> quantize_4bit_cpu(const at::Tensor& A, int64_
         }
         if (!finite) non_finite.store(true, std::memory_order_relaxed);
         amax_out[b] = amax;
-        // Multiply by the reciprocal (not divide): the reference does the same, and it decides ties.
-        const float inv = 1.0f / std::max(amax, kMinAbsmax);
-        for (int64_t i = 0; i < len; ++i) codes[i] = book.encode(std::clamp(vals[i] * inv, -1.0f, 1.0f));
+        // Full blocks multiply by the reciprocal, a final partial block divides: that is exactly
+        // what the reference (and bitsandbytes) computes, and on a tie it decides the code.
+        const float denom = std::max(amax, kMinAbsmax);
+        const float inv = 1.0f / denom;
+        if (len == blocksize) {
+          for (int64_t i = 0; i < len; ++i) codes[i] = book.encode(std::clamp(vals[i] * inv, -1.0f, 1.0f));
+        } else {
+          for (int64_t i = 0; i < len; ++i) codes[i] = book.encode(std::clamp(vals[i] / denom, -1.0f, 1.0f));
+        }
         codes[len] = book.zero_code;  // pads the low nibble of a final odd element
         for (int64_t i = 0; i < len; i += 2) dst[(start + i) / 2] = static_cast<uint8_t>(codes[i] << 4 | codes[i + 1]);
       }

@@ -24,7 +24,11 @@ def quantize_4bit(A: torch.Tensor, blocksize: int = 64, quant_type: str = "nf4")
     code = code_4bit(quant_type, A.device)
     blocks, n = _blocks(A, blocksize)
     absmax = blocks.abs().amax(dim=1)
-    scaled = (blocks * (1.0 / absmax.clamp(min=_MIN_ABSMAX)).unsqueeze(1)).clamp(-1, 1).reshape(-1)[:n]
+    denom = absmax.clamp(min=_MIN_ABSMAX).unsqueeze(1)
+    scaled = blocks * (1.0 / denom)
+    if n % blocksize:  # bitsandbytes divides in the final partial block; the rounding decides ties
+        scaled[-1] = blocks[-1] / denom[-1]
+    scaled = scaled.clamp(-1, 1).reshape(-1)[:n]
     # Nearest code; a value exactly between two codes goes to the lower one (sorted, stable order).
     order = torch.sort(code, stable=True).indices
     sorted_code = code[order]
