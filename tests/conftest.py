@@ -55,7 +55,8 @@ def tiny_llama_factory(tmp_path_factory):
             )
             torch.manual_seed(0)
             model = transformers.LlamaForCausalLM(config)
-            path = tmp_path_factory.mktemp(f"tiny-llama-{shape}-{num_hidden_layers}l{'-tied' if tie_word_embeddings else ''}")
+            tied = "-tied" if tie_word_embeddings else ""
+            path = tmp_path_factory.mktemp(f"tiny-llama-{shape}-{num_hidden_layers}l{tied}")
             model.save_pretrained(path)
             tokenizer.save_pretrained(path)
             built[key] = path

@@ -15,6 +15,9 @@ from . import ops, reference  # noqa: E402
 from .config import BitsAndBytesConfig, LowbitConfig  # noqa: E402
 from .nn import Linear4bit, Linear8bit  # noqa: E402
 from .quantize import quantize_model, replace_linears  # noqa: E402
+from .integrations.transformers import bnb_checkpoint_config, register as _register_with_transformers  # noqa: E402
+
+_register_with_transformers()
 
 __version__ = _BUILD["version"]
 build_info = _native.build_info
@@ -23,6 +26,7 @@ __all__ = [
     "BitsAndBytesConfig",
     "Linear4bit",
     "Linear8bit",
+    "bnb_checkpoint_config",
     "LowbitConfig",
     "build_info",
     "ops",

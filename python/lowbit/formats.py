@@ -26,10 +26,12 @@ FP4_MAGNITUDES = (0.0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0)  # divided by 12; 
 
 @functools.cache
 def _code_4bit(quant_type: str) -> torch.Tensor:
+    # Built on the CPU explicitly: a cached tensor must not pick up a `with torch.device("meta")`
+    # (transformers builds models under one) from whoever calls first.
     if quant_type == "nf4":
-        return torch.tensor(NF4, dtype=torch.float32)
+        return torch.tensor(NF4, dtype=torch.float32, device="cpu")
     if quant_type == "fp4":
-        mags = torch.tensor(FP4_MAGNITUDES, dtype=torch.float32)
+        mags = torch.tensor(FP4_MAGNITUDES, dtype=torch.float32, device="cpu")
         return torch.cat([mags, -mags]) / 12.0
     raise ValueError(f"quant_type must be one of {QUANT_TYPES}, got {quant_type!r}")
 
@@ -45,11 +47,11 @@ def _dynamic_map() -> torch.Tensor:
     # grid whose resolution doubles with the exponent, mirrored for negatives, plus 0 and 1.
     values = [0.0, 1.0]
     for i in range(7):
-        edges = torch.linspace(0.1, 1, 2**i + 1, dtype=torch.float32)
+        edges = torch.linspace(0.1, 1, 2**i + 1, dtype=torch.float32, device="cpu")
         mids = (edges[:-1] + edges[1:]) / 2.0
         scale = 10.0 ** (i - 6)
         values += (scale * mids).tolist() + (-scale * mids).tolist()  # scaled in float32, as the reference
-    return torch.tensor(sorted(values), dtype=torch.float32)
+    return torch.tensor(sorted(values), dtype=torch.float32, device="cpu")
 
 
 def dynamic_map(device: torch.device | str | None = None) -> torch.Tensor:

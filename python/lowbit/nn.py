@@ -136,12 +136,11 @@ class Linear4bit(_QuantizedLinear):
         n_blocks = -(-n // self.blocksize)
         self.register_buffer("weight", torch.empty((n_bytes // item, 1), dtype=quant_storage, device=device))
         self.register_buffer("absmax", torch.empty(n_blocks, dtype=torch.uint8 if double_quant else torch.float32,
-                                                   device=device), persistent=False)  # fmt: skip
-        self.register_buffer("quant_map", code_4bit(quant_type, device), persistent=False)
+                                                   device=device))  # fmt: skip
+        self.register_buffer("quant_map", code_4bit(quant_type, device))
         if double_quant:
-            self.register_buffer("nested_absmax", torch.empty(-(-n_blocks // NESTED_BLOCKSIZE), device=device),
-                                 persistent=False)  # fmt: skip
-            self.register_buffer("nested_quant_map", dynamic_map(device), persistent=False)
+            self.register_buffer("nested_absmax", torch.empty(-(-n_blocks // NESTED_BLOCKSIZE), device=device))
+            self.register_buffer("nested_quant_map", dynamic_map(device))
         self.nested_offset = 0.0
 
     def _nested(self) -> Optional[NestedState]:
@@ -204,8 +203,8 @@ class Linear4bit(_QuantizedLinear):
         self.quant_map = self._place(state.code)
         self.double_quant = state.nested is not None
         if state.nested is not None:
-            self.nested_absmax = self._place(state.nested.absmax)
-            self.nested_quant_map = self._place(state.nested.code)
+            self.register_buffer("nested_absmax", self._place(state.nested.absmax))
+            self.register_buffer("nested_quant_map", self._place(state.nested.code))
             self.nested_offset = state.nested.offset
         else:
             for name in ("nested_absmax", "nested_quant_map"):
@@ -216,9 +215,16 @@ class Linear4bit(_QuantizedLinear):
         return key.startswith("weight.")  # the quant state travels under weight.*
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
-        super()._save_to_state_dict(destination, prefix, keep_vars)  # weight and bias
-        for key, value in self.quant_state().to_state_dict(prefix + "weight.").items():
-            destination[key] = value if keep_vars else value.detach()
+        # The scales are ordinary (persistent) buffers so every loader materializes and moves them,
+        # but they are saved under bitsandbytes' names. A layer still on meta (a model being built)
+        # lists only weight and bias: its other names are no attributes a loader could look up.
+        for name in ("weight", "bias"):
+            value = getattr(self, name)
+            if value is not None:
+                destination[prefix + name] = value if keep_vars else value.detach()
+        if self.weight.device.type != "meta":
+            for key, value in self.quant_state().to_state_dict(prefix + "weight.").items():
+                destination[key] = value if keep_vars else value.detach()
 
     def extra_repr(self) -> str:
         dq = ", double_quant=True" if self.double_quant else ""
@@ -287,7 +293,8 @@ class Linear8bit(_QuantizedLinear):
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)  # weight, SCB and bias
-        destination[prefix + "weight_format"] = torch.tensor(0, dtype=torch.uint8)
+        if self.weight.device.type != "meta":  # not an attribute: see Linear4bit._save_to_state_dict
+            destination[prefix + "weight_format"] = torch.tensor(0, dtype=torch.uint8)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "

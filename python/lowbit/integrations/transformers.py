@@ -250,7 +250,8 @@ def _layout_problem(module: nn.Module, keys: Iterable[str]) -> str | None:
     if len(quant_states) != 1:
         missing.append("exactly one of " + " / ".join(_QUANT_STATE_KEYS))
     if len(keys & set(_NESTED_KEYS)) == 1:
-        missing.append(next(k for k in _NESTED_KEYS if k not in keys) + " (double quantization needs both nested tensors)")
+        absent = next(k for k in _NESTED_KEYS if k not in keys)
+        missing.append(f"{absent} (double quantization needs both nested tensors)")
     if missing:
         return f"the checkpoint's 4-bit quant state is incomplete: missing {', '.join(missing)}"
     return None
@@ -320,5 +321,7 @@ def bnb_checkpoint_config(pretrained_model_name_or_path, **kwargs) -> Pretrained
             f"{pretrained_model_name_or_path} is not a bitsandbytes checkpoint: its quantization_config is {found!r}"
         )
     fields = [p for p in inspect.signature(_TransformersBnbConfig.__init__).parameters if p not in ("self", "kwargs")]
-    config.quantization_config = LowbitConfig(**{name: getattr(quantization, name) for name in fields})
+    lowbit_config = LowbitConfig(**{name: getattr(quantization, name) for name in fields})
+    # As a dict, the way config.json carries it: that is the form from_pretrained dispatches on.
+    config.quantization_config = lowbit_config.to_dict()
     return config
