@@ -115,7 +115,7 @@ def _quantized(N, K, quant_type, blocksize, double_quant):
 
 @pytest.mark.parametrize("quant_type", QUANT_TYPES)
 @pytest.mark.parametrize("double_quant", [False, True])
-@pytest.mark.parametrize("M", [1, 3, 5, 17])
+@pytest.mark.parametrize("M", [1, 3, 5, 17, 65])
 @pytest.mark.parametrize("K,blocksize", [(1024, 64), (256, 256), (1025, 64), (65, 32)])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_linear_4bit_matches_reference(isa, quant_type, double_quant, M, K, blocksize, dtype):

@@ -22,8 +22,12 @@
 namespace lowbit {
 namespace {
 
-// Above this many rows of x the tiled dequantize + GEMM path wins (benchmarks/bench_cpu.py).
-constexpr int64_t kMaxGemvRows = 8;
+// Up to this many rows of x, the fused AVX-512 kernel beats dequantize + BLAS GEMM; the portable
+// path switches to the GEMM sooner (benchmarks/bench_cpu.py).
+constexpr int64_t kMaxFusedRows = 64;
+constexpr int64_t kMaxPortableGemvRows = 8;
+// Weight rows kept hot while all of x passes over them (16 rows of K=4096 are 32 KiB packed).
+constexpr int64_t kRowTile = 16;
 // Weight slab handed to the GEMM at a time: about 1 MiB of float32, so it stays in L2.
 constexpr int64_t kSlabFloats = 1 << 18;
 
@@ -135,15 +139,20 @@ LOWBIT_AVX512 void gemv_avx512_rows(const Weight4& w, const float* xp, float* ou
 void gemv_avx512(const Weight4& w, const float* x, int64_t M, float* out) {
   std::vector<float> xp(M * w.K);
   deinterleave_x(x, M, w.K, xp.data());
-  at::parallel_for(0, w.N, 16, [&](int64_t n0, int64_t n1) {
-    for (int64_t m = 0; m < M; m += 4) {
-      const float* xm = xp.data() + m * w.K;
-      float* om = out + m * w.N;
-      switch (std::min<int64_t>(4, M - m)) {
-        case 1: gemv_avx512_rows<1>(w, xm, om, n0, n1); break;
-        case 2: gemv_avx512_rows<2>(w, xm, om, n0, n1); break;
-        case 3: gemv_avx512_rows<3>(w, xm, om, n0, n1); break;
-        default: gemv_avx512_rows<4>(w, xm, om, n0, n1); break;
+  at::parallel_for(0, w.N, kRowTile, [&](int64_t n0, int64_t n1) {
+    // Every group of 4 x rows passes over a small tile of weight rows before the next tile is
+    // touched, so with M > 4 the packed bytes are re-read from L1/L2, not from memory.
+    for (int64_t t0 = n0; t0 < n1; t0 += kRowTile) {
+      const int64_t t1 = std::min(n1, t0 + kRowTile);
+      for (int64_t m = 0; m < M; m += 4) {
+        const float* xm = xp.data() + m * w.K;
+        float* om = out + m * w.N;
+        switch (std::min<int64_t>(4, M - m)) {
+          case 1: gemv_avx512_rows<1>(w, xm, om, t0, t1); break;
+          case 2: gemv_avx512_rows<2>(w, xm, om, t0, t1); break;
+          case 3: gemv_avx512_rows<3>(w, xm, om, t0, t1); break;
+          default: gemv_avx512_rows<4>(w, xm, om, t0, t1); break;
+        }
       }
     }
   });
@@ -230,14 +239,15 @@ at::Tensor linear_4bit_cpu(const at::Tensor& x, const at::Tensor& packed, const 
   const at::Tensor x2 = x.reshape({M, K}).to(at::kFloat).contiguous();
   at::Tensor out = at::empty({M, N}, x2.options());
   if (M > 0 && N > 0) {
+    [[maybe_unused]] const bool fused = K % blocksize == 0 && M <= kMaxFusedRows && use_avx512();
     if (K == 0) {
       out.zero_();
-    } else if (M > kMaxGemvRows) {
-      gemm_slabs(w, x2, out);
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-    } else if (K % blocksize == 0 && use_avx512()) {
+    } else if (fused) {
       gemv_avx512(w, x2.const_data_ptr<float>(), M, out.data_ptr<float>());
 #endif
+    } else if (M > kMaxPortableGemvRows) {
+      gemm_slabs(w, x2, out);
     } else {
       gemv_portable(w, x2.const_data_ptr<float>(), M, out.data_ptr<float>());
     }

@@ -11,6 +11,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from . import reference
 from .formats import NESTED_BLOCKSIZE, NestedState, dynamic_map
 
 _ops = torch.ops.lowbit
@@ -200,3 +201,36 @@ def _backward_int8_linear(ctx, grad):
 
 
 torch.library.register_autograd("lowbit::int8_linear", _backward_int8_linear, setup_context=_setup_int8_linear)
+
+
+# -- devices without native kernels ----------------------------------------------------------------
+# Until a device has kernels of its own (csrc/<device>/), its tensors run the plain-PyTorch
+# reference: a model moved there works, more slowly, instead of failing with "no kernel".
+
+
+def _linear_4bit_reference(x, packed, absmax, blocksize, quant_type, out_features, bias=None, nested_absmax=None,
+                           nested_code=None, nested_offset=0.0, nested_blocksize=256):  # fmt: skip
+    nested = None if nested_absmax is None else NestedState(nested_absmax, nested_code, nested_offset, nested_blocksize)
+    return reference.linear_4bit(x, packed, absmax, blocksize, quant_type, out_features, bias, nested)
+
+
+_REFERENCE_KERNELS = {
+    "quantize_4bit": reference.quantize_4bit,
+    "dequantize_4bit": reference.dequantize_4bit,
+    "quantize_blockwise": reference.quantize_blockwise,
+    "dequantize_blockwise": reference.dequantize_blockwise,
+    "linear_4bit": _linear_4bit_reference,
+    "int8_vectorwise_quant": reference.int8_vectorwise_quant,
+    "int8_mm": reference.int8_mm,
+    "int8_linear": reference.int8_linear,
+}
+
+
+# Device types with a native kernel for each op, taken before the reference fills the gaps.
+NATIVE_DEVICES = {
+    name: [d for d in ("cpu", "cuda") if torch._C._dispatch_has_kernel_for_dispatch_key(f"lowbit::{name}", d.upper())]
+    for name in _REFERENCE_KERNELS
+}
+for _name, _fn in _REFERENCE_KERNELS.items():
+    if "cuda" not in NATIVE_DEVICES[_name]:
+        torch.library.register_kernel(f"lowbit::{_name}", "cuda", _fn)

@@ -20,7 +20,13 @@ def _blocks(A: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, int]:
     return F.pad(flat, (0, -n % blocksize)).view(-1, blocksize), n
 
 
+def _check_finite(A: torch.Tensor, op: str) -> None:
+    if not torch.isfinite(A).all():
+        raise ValueError(f"lowbit.{op}: input contains NaN or Inf")
+
+
 def quantize_4bit(A: torch.Tensor, blocksize: int = 64, quant_type: str = "nf4") -> tuple[torch.Tensor, torch.Tensor]:
+    _check_finite(A, "quantize_4bit")
     code = code_4bit(quant_type, A.device)
     blocks, n = _blocks(A, blocksize)
     absmax = blocks.abs().amax(dim=1)
@@ -61,6 +67,7 @@ def dequantize_4bit(
 def quantize_blockwise(
     A: torch.Tensor, code: Optional[torch.Tensor] = None, blocksize: int = NESTED_BLOCKSIZE
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    _check_finite(A, "quantize_blockwise")
     code = dynamic_map(A.device) if code is None else code
     blocks, n = _blocks(A, blocksize)
     absmax = blocks.abs().amax(dim=1)
