@@ -12,6 +12,7 @@ from . import _native
 _BUILD = _native.load()
 
 from . import ops, reference  # noqa: E402
+from .compare import compare  # noqa: E402
 from .config import BitsAndBytesConfig, LowbitConfig  # noqa: E402
 from .nn import Linear4bit, Linear8bit  # noqa: E402
 from .quantize import quantize_model, replace_linears  # noqa: E402
@@ -29,6 +30,7 @@ __all__ = [
     "bnb_checkpoint_config",
     "LowbitConfig",
     "build_info",
+    "compare",
     "ops",
     "quantize_model",
     "reference",

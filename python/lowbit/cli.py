@@ -68,7 +68,15 @@ def main(argv=None) -> int:
 
 def _compare(args, parser) -> int:
     from .compare import compare
+    from .compare._optional import require
 
+    try:  # fail before minutes of measuring, not after
+        require("rich.console", "the terminal table")
+        if args.out:
+            require("matplotlib", "plots")
+    except ImportError as e:
+        print(f"lowbit compare: error: {e}", file=sys.stderr)
+        return 2
     text = None
     if args.text:
         try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import gc
+import math
 import platform
 
 import torch
@@ -22,6 +23,7 @@ DEFAULT_TOKENS = 1024
 DEFAULT_CONTEXT = 512
 DEFAULT_STRIDE = 256
 DEFAULT_NEW_TOKENS = 24
+SENSITIVITY_WINDOWS = 1
 SPEED_PROMPT_TOKENS = 128
 SPEED_DECODE_STEPS = 16
 
@@ -79,8 +81,12 @@ def compare(
         text, text_source = default_text(), text_source or "CPython's pydoc_data.topics"
     ids = torch.tensor(tok(text).input_ids[:max_tokens], device=dev)
     windows = strided_windows(len(ids), context, stride)
+    # Per-layer errors need a backward pass; the first window's activations are enough
+    # to rank layers and keep the run short.
+    sensitivity_windows = windows[:SENSITIVITY_WINDOWS]
+    sensitivity_tokens = sum(w.scored for w in sensitivity_windows)
 
-    per_config = len(windows) * (2 if sensitivity else 1) + len(prompts) + (1 if timing else 0) + 1
+    per_config = len(windows) + (len(sensitivity_windows) if sensitivity else 0) + len(prompts) + (1 if timing else 0) + 1
     bar = tqdm(total=per_config * (len(named) + 1), desc="full precision", unit="step") if tqdm else None
 
     def step(n=1):
@@ -119,10 +125,17 @@ def compare(
         layers = []
         if sensitivity:
             phase(f"{name}: per-layer")
-            errors = layer_errors(model, quantized, ids, windows, bar)
+            errors = layer_errors(model, quantized, ids, sensitivity_windows, bar)
             full_modules, q_modules = dict(model.named_modules()), dict(quantized.named_modules())
             layers = [
-                LayerError(n, config.scheme_for(n), e, module_bytes(q_modules[n]), module_bytes(full_modules[n]))
+                LayerError(
+                    name=n,
+                    scheme=config.scheme_for(n),
+                    rel_error=e.rel_error,
+                    est_ppl_change=math.expm1(e.est_nll / sensitivity_tokens),
+                    bytes=module_bytes(q_modules[n]),
+                    full_bytes=module_bytes(full_modules[n]),
+                )
                 for n, e in errors.items()
             ]
         phase(f"{name}: generate")
@@ -190,6 +203,7 @@ def compare(
         context=context,
         stride=stride,
         windows=len(windows),
+        sensitivity_tokens=sensitivity_tokens if sensitivity else 0,
         results=results,
         proposal=proposal,
     )

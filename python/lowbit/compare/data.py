@@ -40,8 +40,9 @@ def strided_windows(n_tokens: int, context: int, stride: int) -> list[Window]:
     """
     if n_tokens < 2:
         raise ValueError(f"need at least 2 tokens of evaluation text, got {n_tokens}")
-    if not 0 < stride <= context:
-        raise ValueError(f"stride must be in 1..context ({context}), got {stride}")
+    if not 0 < stride < context:
+        # Windows must overlap: a window's first token has no prediction inside it.
+        raise ValueError(f"stride must be in 1..{context - 1} (below the context length), got {stride}")
     windows, scored_until = [], 1
     begin = 0
     while scored_until < n_tokens:

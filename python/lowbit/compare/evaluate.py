@@ -6,6 +6,7 @@ what they mean for the report is decided in `api.py`.
 
 from __future__ import annotations
 
+import inspect
 import statistics
 import time
 from dataclasses import dataclass
@@ -13,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from .data import Window
-from .metrics import AgreementAccumulator, first_divergence, perplexity, squared_error, squared_norm, token_nll
+from .metrics import AgreementAccumulator, first_divergence, perplexity, squared_norm, token_nll
 from .models import is_quantized, synchronize
 
 
@@ -67,40 +68,76 @@ def evaluate_against(model, ids, windows, reference: list[WindowOutput], progres
     return Evaluation(perplexity(nll, count), nll, count), agreement.result()
 
 
-def layer_errors(full_model, quantized_model, ids, windows, progress=None) -> dict[str, float]:
-    """Relative output error of each quantized layer, fed full-precision activations.
+@dataclass
+class LayerSensitivity:
+    rel_error: float  # ‖Q(x) − Wx‖ / ‖Wx‖
+    est_nll: float  # estimated increase of the summed NLL were only this layer quantized
+
+
+def layer_errors(full_model, quantized_model, ids, windows, progress=None) -> dict[str, LayerSensitivity]:
+    """Each quantized layer's own error, fed full-precision activations, and its estimated cost.
 
     The full-precision model runs the windows; a hook hands each linear layer's input to
     its quantized twin as well. Feeding both the same input isolates the layer's own
-    quantization error from the drift it inherits from the layers before it — which is
-    what decides whether that layer is worth keeping in higher precision.
+    quantization error ΔY from the drift it inherits from the layers before it.
+
+    A relative error alone does not say what the layer costs: an early down_proj that
+    writes large activations into the residual stream hurts far more than a v_proj with
+    the same relative error. So each ΔY is also weighted by the gradient g of the summed
+    next-token NLL with respect to that layer's output: ½·Σ_positions (g·ΔY)² is the
+    second-order (empirical Fisher) estimate of the NLL increase it alone would cause.
     """
     twins = {name: m for name, m in quantized_model.named_modules() if is_quantized(m)}
+    if not twins:
+        return {}
     full_modules = dict(full_model.named_modules())
-    sums = {name: [0.0, 0.0] for name in twins}  # [error², reference²]
+    sums = {name: [0.0, 0.0, 0.0] for name in twins}  # [error², reference², estimated NLL]
+    captured: list[tuple[str, torch.Tensor, torch.Tensor]] = []  # (name, output, ΔY) per call
 
     def hook_for(name):
         def hook(_module, inputs, output):
-            approx = twins[name](inputs[0])
-            sums[name][0] += squared_error(output, approx)
-            sums[name][1] += squared_norm(output)
+            with torch.no_grad():
+                delta = twins[name](inputs[0]) - output
+            sums[name][0] += squared_norm(delta)
+            sums[name][1] += squared_norm(output.detach())
+            captured.append((name, output, delta))
 
         return hook
 
+    def detached_leaf(_module, _inputs, output):
+        # Gradients are needed for activations only: start the graph at the embeddings so
+        # it exists even for frozen models, and never touch parameters' .grad.
+        return output.detach().requires_grad_()
+
     handles = [full_modules[name].register_forward_hook(hook_for(name)) for name in twins]
+    handles.append(full_model.get_input_embeddings().register_forward_hook(detached_leaf))
     try:
-        for _ in run_windows(full_model, ids, windows, progress):
-            pass
+        with torch.enable_grad():
+            for w in windows:
+                out = full_model(input_ids=ids[None, w.begin : w.end], use_cache=False)
+                rows = slice(-(w.scored + 1), -1)
+                loss = token_nll(out.logits[0, rows], ids[w.end - w.scored : w.end]).sum()
+                grads = torch.autograd.grad(loss, [o for _, o, _ in captured], allow_unused=True)
+                for (name, _, delta), grad in zip(captured, grads):
+                    if grad is not None:
+                        sums[name][2] += 0.5 * float((grad.double() * delta.double()).sum(-1).pow(2).sum())
+                captured.clear()
+                if progress is not None:
+                    progress.update(1)
     finally:
         for handle in handles:
             handle.remove()
-    return {name: (err / max(ref, 1e-300)) ** 0.5 for name, (err, ref) in sums.items()}
+    return {
+        name: LayerSensitivity((err / max(ref, 1e-300)) ** 0.5, est) for name, (err, ref, est) in sums.items()
+    }
 
 
 def greedy(model, ids: torch.Tensor, new_tokens: int, stop_ids=()) -> tuple[list[int], float, list[float]]:
     """Greedy decoding with the KV cache: (generated ids, prefill seconds, seconds per decode step)."""
     device = ids.device
     generated, steps = [], []
+    # transformers renamed `past_key_values` to `cache` (5.x); accept either spelling.
+    cache_name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     with torch.inference_mode():
         synchronize(device)
         start = time.perf_counter()
@@ -113,7 +150,8 @@ def greedy(model, ids: torch.Tensor, new_tokens: int, stop_ids=()) -> tuple[list
             if len(generated) >= new_tokens or token in stop_ids:
                 break
             start = time.perf_counter()
-            out = model(input_ids=torch.tensor([[token]], device=device), past_key_values=out.past_key_values, use_cache=True)
+            next_ids = torch.tensor([[token]], device=device)
+            out = model(input_ids=next_ids, use_cache=True, **{cache_name: out[cache_name]})
             synchronize(device)
             steps.append(time.perf_counter() - start)
     return generated, prefill, steps

@@ -1,9 +1,9 @@
 """Proposing a per-module precision mix that meets a perplexity budget.
 
-The estimate: a uniform config's measured perplexity change is shared among its layers
-in proportion to each layer's squared relative output error (its isolated error on
-full-precision activations). A mix's change is then the sum of the shares of the scheme
-each layer ends up in. Layers are promoted from the 4-bit base to the higher precision in
+The estimate: a uniform config's measured change of log-perplexity is shared among its
+layers in proportion to each layer's own estimated cost (`LayerError.est_ppl_change`,
+gradient-weighted output error). A mix's change is then the sum of the shares of the
+scheme each layer ends up in. Layers are promoted from the 4-bit base to the higher precision in
 order of estimated gain per extra byte until the estimate fits the budget with a margin.
 It is a first-order estimate, which is why `compare` measures the proposed mix and
 reports whether it met the budget.
@@ -11,6 +11,7 @@ reports whether it met the budget.
 
 from __future__ import annotations
 
+import math
 import re
 from collections import defaultdict
 
@@ -25,10 +26,11 @@ def _is_uniform(r: ConfigResult) -> bool:
 
 
 def _shares(r: ConfigResult) -> dict[str, float]:
-    """Each layer's estimated part of `r`'s perplexity change (a worse-than-full change only)."""
-    total = sum(layer.rel_error**2 for layer in r.layers) or 1.0
-    change = max(r.ppl_change, 0.0)
-    return {layer.name: change * layer.rel_error**2 / total for layer in r.layers}
+    """Each layer's part of `r`'s measured log-perplexity change (a worse-than-full change only)."""
+    weights = {layer.name: math.log1p(max(layer.est_ppl_change, 0.0)) for layer in r.layers}
+    total = sum(weights.values()) or 1.0
+    change = math.log1p(max(r.ppl_change, 0.0))
+    return {name: change * w / total for name, w in weights.items()}
 
 
 def propose(results: list[ConfigResult], budget: float) -> MixProposal:
@@ -58,10 +60,11 @@ def propose(results: list[ConfigResult], budget: float) -> MixProposal:
         cost = high_bytes.get(layer.name, layer.full_bytes) - layer.bytes
         if gain > 0:
             gains.append((gain / max(cost, 1), gain, layer.name))
-    predicted = sum(base_share.values())
+    target = math.log1p(budget * TARGET_FRACTION)
+    predicted = sum(base_share.values())  # log-perplexity change
     promoted = []
     for _, gain, name in sorted(gains, reverse=True):
-        if predicted <= budget * TARGET_FRACTION:
+        if predicted <= target:
             break
         promoted.append(name)
         predicted -= gain
@@ -72,7 +75,7 @@ def propose(results: list[ConfigResult], budget: float) -> MixProposal:
     config["module_overrides"] = {
         pattern: high_scheme for pattern in _patterns(promoted, [layer.name for layer in base.layers])
     }
-    return MixProposal(budget, base.name, config, len(promoted), predicted)
+    return MixProposal(budget, base.name, config, len(promoted), math.expm1(predicted))
 
 
 def _patterns(chosen: list[str], everything: list[str]) -> list[str]:

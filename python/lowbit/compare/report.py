@@ -23,6 +23,7 @@ class LayerError:
     name: str
     scheme: str  # int8 / nf4 / fp4
     rel_error: float  # ‖Q(x) − Wx‖ / ‖Wx‖ on full-precision activations
+    est_ppl_change: float  # estimated perplexity change were only this layer quantized
     bytes: int  # the quantized layer
     full_bytes: int  # the same layer in full precision
 
@@ -78,6 +79,7 @@ class Report:
     context: int
     stride: int
     windows: int
+    sensitivity_tokens: int  # scored tokens the per-layer errors were measured on
     results: list[ConfigResult]  # full precision first
     proposal: MixProposal | None = None
 
@@ -147,7 +149,7 @@ class Report:
         rows = self.sensitivity_rows() if sensitivity else self.summary_rows()
         buffer = io.StringIO()
         if rows:
-            writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
+            writer = csv.DictWriter(buffer, fieldnames=list(rows[0]), lineterminator="\n")
             writer.writeheader()
             writer.writerows(rows)
         if path is not None:
@@ -188,16 +190,28 @@ class Report:
             )
         return header, cells
 
+    def sensitivity_results(self) -> list[ConfigResult]:
+        """Configs with per-layer errors, less the proposed mix (its layers are a subset of its base's)."""
+        mix = self.proposal.result if self.proposal else None
+        return [r for r in self.results if r.layers and r.name != mix]
+
     def sensitivity_table(self, top: int = 10) -> tuple[list[str], list[list[str]]]:
-        """The `top` layers with the largest error under any config, with each config's error."""
-        quantized = [r for r in self.results if r.layers]
-        errors: dict[str, dict[str, float]] = {}
+        """The `top` layers with the largest estimated cost under any config; each cell is
+        'relative output error / estimated perplexity change were only this layer quantized'."""
+        quantized = self.sensitivity_results()
+        by_layer: dict[str, dict[str, LayerError]] = {}
         for r in quantized:
             for layer in r.layers:
-                errors.setdefault(layer.name, {})[r.name] = layer.rel_error
-        worst = sorted(errors, key=lambda name: max(errors[name].values()), reverse=True)[:top]
+                by_layer.setdefault(layer.name, {})[r.name] = layer
+        worst = sorted(by_layer, key=lambda n: max(e.est_ppl_change for e in by_layer[n].values()), reverse=True)
         header = ["layer"] + [r.name for r in quantized]
-        cells = [[name] + [_fmt(errors[name].get(r.name), "{:.2%}") for r in quantized] for name in worst]
+        cells = []
+        for name in worst[:top]:
+            row = [name]
+            for r in quantized:
+                e = by_layer[name].get(r.name)
+                row.append("—" if e is None else f"{e.rel_error:.1%} / {e.est_ppl_change:+.2%}")
+            cells.append(row)
         return header, cells
 
     def proposal_lines(self) -> list[str]:
@@ -233,7 +247,7 @@ class Report:
         out += _md_table(*self.display_table()) + [""]
         out += [_COLUMN_NOTES, ""]
         if any(r.layers for r in self.results):
-            out += [f"## Most sensitive layers (relative output error, top {top_layers})", ""]
+            out += [f"## Most sensitive layers (top {top_layers})", "", _SENSITIVITY_NOTE.format(self.sensitivity_tokens), ""]
             out += _md_table(*self.sensitivity_table(top_layers)) + [""]
         if self.proposal:
             out += ["## Mixed precision", ""] + [line.strip() + "  " for line in self.proposal_lines()] + [""]
@@ -259,7 +273,8 @@ class Report:
             parts.append(f"<p><i>Note: {html.escape(self.model_note)}.</i></p>")
         parts.append(table(*self.display_table()))
         if any(r.layers for r in self.results):
-            parts += ["<p><b>Most sensitive layers</b> (relative output error)</p>", table(*self.sensitivity_table())]
+            note = html.escape(_SENSITIVITY_NOTE.format(self.sensitivity_tokens))
+            parts += [f"<p><b>Most sensitive layers</b><br>{note}</p>", table(*self.sensitivity_table())]
         if self.proposal:
             parts.append("<p><b>Mixed precision</b><br>" + "<br>".join(map(html.escape, self.proposal_lines())) + "</p>")
         for prompt, gens in self.generation_blocks():
@@ -274,20 +289,26 @@ class Report:
         from rich.console import Group
         from rich.text import Text
 
-        def table(title, header, cells):
+        def table(title, header, cells, columns):
             t = rich_table.Table(title=title, title_justify="left", header_style="bold")
-            for i, h in enumerate(header):
-                t.add_column(h, justify="left" if i == 0 else "right", no_wrap=i == 0)
+            for i in columns:
+                t.add_column(header[i], justify="left" if i == 0 else "right", no_wrap=i == 0)
             for row in cells:
-                t.add_row(*row)
+                t.add_row(*(row[i] for i in columns))
             return t
 
         parts = [Text(self.setup, style="bold")]
         if self.model_note:
             parts.append(Text(f"Note: {self.model_note}.", style="italic"))
-        parts += [table("lowbit compare", *self.display_table()), Text(_COLUMN_NOTES, style="dim")]
+        # The summary is split in two so each half fits an 80-column terminal.
+        header, cells = self.display_table()
+        parts.append(table("Memory and speed", header, cells, [0, 1, 2, 3, 11, 12]))
+        parts.append(table("Accuracy against full precision", header, cells, [0, 4, 5, 6, 7, 8, 9, 10]))
+        parts.append(Text(_COLUMN_NOTES, style="dim"))
         if any(r.layers for r in self.results):
-            parts.append(table("Most sensitive layers (relative output error)", *self.sensitivity_table()))
+            header, cells = self.sensitivity_table()
+            parts.append(table("Most sensitive layers (err / Δppl)", header, cells, range(len(header))))
+            parts.append(Text(_SENSITIVITY_NOTE.format(self.sensitivity_tokens), style="dim"))
         if self.proposal:
             parts.append(Text("Mixed precision\n" + "\n".join(self.proposal_lines())))
         for prompt, gens in self.generation_blocks():
@@ -304,6 +325,8 @@ class Report:
     def print(self, file=None) -> None:
         """Render to the terminal (stdout unless `file` is given) with rich."""
         console = require("rich.console", "the terminal table").Console(file=file)
+        if not console.is_terminal:  # a file or pipe has no width to respect: avoid wrapping cells
+            console.width = 160
         console.print(self)
 
     # ---- plots and files --------------------------------------------------------------
@@ -338,6 +361,12 @@ _COLUMN_NOTES = (
     "KL = KL(full ‖ quantized) per next-token distribution, nats. top-1 = same argmax as full precision; "
     "top-5 = overlap of the top-5 sets. err = ‖quantized − full‖ / ‖full‖ of final logits / last hidden state. "
     "prefill/decode: median wall time on the device above."
+)
+
+
+_SENSITIVITY_NOTE = (
+    "Each cell: err / Δppl. err = each layer's relative output error, fed full-precision activations ({} tokens); "
+    "Δppl = its gradient-weighted (Fisher) estimate of the perplexity change were only that layer quantized."
 )
 
 

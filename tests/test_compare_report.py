@@ -1,0 +1,176 @@
+"""Report renderings and the mixed-precision proposal, on hand-built results (no model)."""
+
+import csv
+import io
+import json
+
+import pytest
+
+from lowbit.compare.evaluate import Generation, Speed
+from lowbit.compare.metrics import Agreement
+from lowbit.compare.mixed import _patterns, propose
+from lowbit.compare.report import ConfigResult, LayerError, Report
+
+LAYERS = [f"model.layers.{i}.mlp.{kind}" for i in range(3) for kind in ("up_proj", "down_proj")]
+
+
+def result(name, ppl_change, scheme, errors, est, *, bytes_per_layer=100, overrides=None, first_token=7):
+    """A measured config: `errors` / `est` give each of LAYERS its relative error / estimated Δppl."""
+    layers = [LayerError(n, scheme, e, s, bytes_per_layer, 400) for n, e, s in zip(LAYERS, errors, est)]
+    return ConfigResult(
+        name=name,
+        description=f"{name} test config",
+        config={"load_in_4bit": scheme != "int8", "load_in_8bit": scheme == "int8", "bnb_4bit_quant_type": scheme,
+                "llm_int8_threshold": 6.0, "module_overrides": overrides or {}},
+        quantize_seconds=0.5,
+        linear_bytes=bytes_per_layer * len(LAYERS),
+        total_bytes=bytes_per_layer * len(LAYERS) + 1000,
+        linear_ratio=bytes_per_layer / 400,
+        total_ratio=(bytes_per_layer * len(LAYERS) + 1000) / 3400,
+        perplexity=10 * (1 + ppl_change),
+        ppl_change=ppl_change,
+        agreement=Agreement(100, 0.01, 0.05, 0.97, 0.95, 0.02, 0.03),
+        speed=Speed(128, 12.5, 3.25),
+        generations=[Generation("Hi?", "Hello there | friend", [5, first_token, 9], 1 if first_token != 7 else None,
+                                len("Hello") if first_token != 7 else None)],
+        layers=layers,
+    )  # fmt: skip
+
+
+def full_result():
+    return ConfigResult(
+        name="full", description="float32, not quantized", config={}, quantize_seconds=2.0,
+        linear_bytes=2400, total_bytes=3400, linear_ratio=1.0, total_ratio=1.0, perplexity=10.0, ppl_change=0.0,
+        agreement=None, speed=Speed(128, 10.0, 2.5), generations=[Generation("Hi?", "Hello world", [5, 7, 9], None, None)],
+    )  # fmt: skip
+
+
+def make_report(*results, proposal=None):
+    return Report(
+        model="tiny", model_note="weights are random", device="CPU (2 threads)", date="2026-01-01",
+        versions={"lowbit": "0"}, text_source="a test text", tokens=100, context=64, stride=32, windows=3,
+        sensitivity_tokens=63, results=[full_result(), *results], proposal=proposal,
+    )  # fmt: skip
+
+
+@pytest.fixture
+def report():
+    nf4 = result("nf4", 0.05, "nf4", [0.1, 0.2, 0.1, 0.1, 0.1, 0.3], [0.001, 0.03, 0.001, 0.002, 0.001, 0.01],
+                 bytes_per_layer=60, first_token=8)  # fmt: skip
+    int8 = result("int8", 0.002, "int8", [0.01] * 6, [0.0003] * 6, bytes_per_layer=110)
+    return make_report(int8, nf4)
+
+
+def test_summary_rows_hold_raw_numbers(report):
+    rows = report.summary_rows()
+    assert [r["config"] for r in rows] == ["full", "int8", "nf4"]
+    assert rows[0]["kl_mean"] is None and rows[0]["ppl_change"] == 0.0
+    assert rows[2]["ppl_change"] == 0.05 and rows[2]["linear_ratio"] == 60 / 400
+    assert report["nf4"].name == "nf4"
+    with pytest.raises(KeyError, match="no config named"):
+        report["nope"]
+
+
+def test_json_round_trips(report):
+    data = json.loads(report.to_json())
+    assert data["model"] == "tiny" and data["summary"][1]["config"] == "int8"
+    assert data["results"][2]["layers"][1]["name"] == "model.layers.0.mlp.down_proj"
+
+
+def test_csv_has_one_row_per_config_and_per_layer(report, tmp_path):
+    rows = list(csv.DictReader(io.StringIO(report.to_csv())))
+    assert [r["config"] for r in rows] == ["full", "int8", "nf4"]
+    layer_rows = list(csv.DictReader(io.StringIO(report.to_csv(tmp_path / "s.csv", sensitivity=True))))
+    assert len(layer_rows) == 2 * len(LAYERS)
+    assert (tmp_path / "s.csv").read_text() == report.to_csv(sensitivity=True)
+
+
+def test_markdown_table_and_marked_divergence(report):
+    md = report.to_markdown()
+    assert "| nf4 | 0.0 (×0.15) |" in md  # 360 bytes, 60 of the full 400 per layer
+    assert "10.500 (+5.00%)" in md
+    assert "- *nf4*: Hello⟦ there | friend" in md
+    assert "- *int8*: Hello there | friend" in md  # no divergence, no marker
+    # The most costly layer (by estimated Δppl) leads the sensitivity table.
+    sensitivity = md.split("## Most sensitive layers")[1]
+    assert sensitivity.index("model.layers.0.mlp.down_proj") < sensitivity.index("model.layers.2.mlp.down_proj")
+
+
+def test_html_escapes_and_marks(report):
+    page = report._repr_html_()
+    assert page.count("<table>") == 3  # summary, sensitivity, one prompt
+    assert "Hello<mark> there | friend</mark>" in page
+
+
+def test_terminal_rendering(report):
+    pytest.importorskip("rich")
+    out = io.StringIO()
+    report.print(file=out)
+    text = out.getvalue()
+    assert "Memory and speed" in text and "Accuracy against full precision" in text
+    assert "+5.00%" in text and "model.layers.0.mlp.down_proj" in text
+
+
+def test_dataframe(report):
+    pd = pytest.importorskip("pandas")
+    frame = report.to_dataframe()
+    assert isinstance(frame, pd.DataFrame) and list(frame.index) == ["full", "int8", "nf4"]
+    assert frame.loc["nf4", "top1"] == 0.97
+    assert len(report.to_dataframe(sensitivity=True)) == 12
+
+
+def test_plots_are_written(report, tmp_path):
+    pytest.importorskip("matplotlib")
+    report.plot_tradeoff(tmp_path / "t.png")
+    report.plot_sensitivity(tmp_path / "s.png")
+    for name in ("t.png", "s.png"):
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_save_writes_every_format(report, tmp_path):
+    pytest.importorskip("matplotlib")
+    paths = report.save(tmp_path / "out")
+    assert sorted(p.rsplit("/", 1)[1] for p in paths.values()) == sorted(
+        ["report.md", "report.json", "summary.csv", "sensitivity.csv", "tradeoff.png", "sensitivity.png"]
+    )
+
+
+# ---- mixed precision ------------------------------------------------------------------
+
+
+def test_proposal_promotes_the_costliest_layers_first(report):
+    # nf4's 5% change is shared by estimated cost: down_proj 0 carries 0.03 / 0.045 of it.
+    proposal = propose(report.results[1:], budget=0.03)
+    assert proposal.base == "nf4" and proposal.promoted == 1
+    assert proposal.overrides == {r"^model\.layers\.(0)\.mlp\.down_proj$": "int8"}
+    assert proposal.config["load_in_4bit"] and proposal.config["llm_int8_threshold"] == 6.0
+    assert 0 < proposal.predicted_change <= 0.03 * 0.75
+
+
+def test_proposal_keeps_the_base_when_it_fits(report):
+    proposal = propose(report.results[1:], budget=0.10)
+    assert proposal.promoted == 0 and proposal.overrides == {}
+
+
+def test_proposal_falls_back_to_full_precision_when_int8_misses_the_budget(report):
+    proposal = propose(report.results[1:], budget=0.001)  # int8 alone costs 0.2%
+    assert set(proposal.overrides.values()) == {"none"}
+    assert proposal.promoted == len(LAYERS)  # only an all-full model meets 0.1%
+
+
+def test_proposal_needs_measured_layers():
+    with pytest.raises(ValueError, match="per-layer errors"):
+        propose([full_result()], budget=0.01)
+    with pytest.raises(ValueError, match="≥ 0"):
+        propose([], budget=-0.1)
+
+
+def test_patterns_group_layer_indices():
+    everything = [f"model.layers.{i}.{k}" for i in range(12) for k in ("q", "v")] + ["lm_head"]
+    chosen = [f"model.layers.{i}.v" for i in range(12)] + ["model.layers.3.q", "model.layers.11.q", "lm_head"]
+    patterns = _patterns(chosen, everything)
+    assert patterns == [r"^model\.layers\.\d+\.v$", r"^model\.layers\.(3|11)\.q$", r"^lm_head$"]
+    import re
+
+    matched = [n for n in everything if any(re.search(p, n) for p in patterns)]
+    assert sorted(matched) == sorted(chosen)
