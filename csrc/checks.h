@@ -1,5 +1,5 @@
-// Argument checks shared by every device's kernels. They raise Python ValueError/TypeError with
-// the op's name, so a bad call through torch.ops.lowbit.* never reaches a kernel.
+// Argument checks shared by every device's native kernels. They raise Python ValueError/TypeError
+// with the op's name, so a bad call through torch.ops.lowbit.* is stopped before the kernel runs.
 #pragma once
 
 #include <ATen/ATen.h>

@@ -252,3 +252,30 @@ def test_corrupt_8bit_checkpoint_raises_clear_error():
             Linear8bit(64, 16).load_state_dict(bad)
     with pytest.raises(RuntimeError, match="Missing key"):
         Linear8bit(64, 16).load_state_dict({k: v for k, v in sd.items() if k != "bias"})
+
+
+def test_input_width_is_checked():
+    layer = _four_bit(_linear(3, 1))  # 3 weights pack into 2 bytes: a width of 4 would also fit
+    with pytest.raises(ValueError, match="input has 4 features, Linear4bit expects 3"):
+        layer(torch.randn(2, 4))
+
+
+def test_custom_quant_map_is_refused(sd4):
+    sd4["weight.quant_map"] = torch.linspace(-1, 1, 16)
+    with pytest.raises(ValueError, match="not the standard nf4 table"):
+        Linear4bit(64, 16).load_state_dict(sd4)
+
+
+def test_bias_is_checked_and_loaded_in_place(sd4):
+    layer = _four_bit(_linear(64, 16), double_quant=True)
+    bias = layer.bias
+    layer.load_state_dict(sd4)
+    assert layer.bias is bias and torch.equal(layer.bias, sd4["bias"])
+    sd4["bias"] = torch.randn(17)
+    with pytest.raises(ValueError, match="bias has shape \\[17\\], expected \\[16\\]"):
+        layer.load_state_dict(sd4)
+
+
+def test_double_quant_of_empty_weight():
+    layer = Linear4bit.from_linear(nn.Linear(0, 4), double_quant=True)
+    assert layer.nested_offset == 0.0 and layer(torch.randn(2, 0)).shape == (2, 4)

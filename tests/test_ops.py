@@ -321,3 +321,34 @@ def test_library_is_loaded_from_build_info():
     info = lowbit.build_info()
     assert info["torch"] == torch.__version__ and info["version"] == lowbit.__version__
     assert isinstance(info["cuda"], bool)
+
+
+def test_int8_linear_propagates_nan_like_float_linear():
+    CB, SCB, _ = reference.int8_vectorwise_quant(torch.randn(8, 64), 0.0)
+    for threshold in (0.0, 6.0):
+        x = torch.randn(3, 64)
+        x[1, 5] = float("nan")
+        out = ops.int8_linear(x, CB, SCB, threshold)
+        assert out[1].isnan().all() and out[[0, 2]].isfinite().all()
+        ref = reference.int8_linear(x, CB, SCB, threshold)
+        assert torch.equal(out.isnan(), ref.isnan())
+    x = torch.randn(2, 64)
+    x[0, 9] = float("inf")  # an outlier with a threshold (goes through float), poison without one
+    assert not ops.int8_linear(x, CB, SCB, 6.0)[1].isnan().any()
+    assert ops.int8_linear(x, CB, SCB, 0.0)[0].isnan().all()
+
+
+def test_int8_quant_subnormal_rows_match_reference():
+    x = torch.full((2, 16), 1e-40)
+    x[1] = torch.randn(16)
+    assert torch.equal(ops.int8_vectorwise_quant(x)[0], reference.int8_vectorwise_quant(x)[0])
+    assert (ops.int8_vectorwise_quant(x)[0][0] == 127).all()
+
+
+def test_fake_int8_quant_with_zero_features():
+    torch.library.opcheck(torch.ops.lowbit.int8_vectorwise_quant, (torch.randn(5, 0), 0.0))
+
+
+def test_int8_mm_refuses_k_that_could_overflow():
+    with pytest.raises(ValueError, match="overflow the int32 accumulator"):
+        ops.int8_mm(torch.zeros(1, 133_200, dtype=torch.int8), torch.zeros(1, 133_200, dtype=torch.int8))

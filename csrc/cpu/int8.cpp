@@ -5,6 +5,7 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <limits>
 
 #if defined(__x86_64__)
 #include <immintrin.h>
@@ -46,17 +47,28 @@ RowQuantized quantize_rows(const at::Tensor& x, double threshold) {
       const float* xr = src + m * K;
       // Outlier elements do not count towards the row's scale (their columns go through float).
       float amax = 0.f;
+      bool finite = true;
       for (int64_t k = 0; k < K; ++k) {
         const float a = std::abs(xr[k]);
+        const bool is_outlier = outlier && outlier[k];
         if (threshold <= 0 || a < thr) amax = std::max(amax, a);
+        finite &= is_outlier || std::isfinite(a);
+      }
+      if (!finite) {
+        // A NaN/Inf that is not an outlier: the row's result must be NaN, as in F.linear.
+        stats[m] = std::numeric_limits<float>::quiet_NaN();
+        std::fill(dst + m * K, dst + (m + 1) * K, int8_t{0});
+        continue;
       }
       stats[m] = amax;
       // (1 / absmax) * 127, then multiply, then round half to even: exactly the reference's (and
-      // bitsandbytes') float32 arithmetic, so int8 codes match bit for bit.
+      // bitsandbytes') float32 arithmetic, so int8 codes match bit for bit. A subnormal absmax
+      // overflows the reciprocal; such rows divide instead.
       const float s = amax > 0 ? (1.0f / amax) * 127.0f : 0.f;
+      const bool divide = !std::isfinite(s);
       for (int64_t k = 0; k < K; ++k) {
-        const bool skip = outlier && outlier[k];
-        dst[m * K + k] = skip ? 0 : static_cast<int8_t>(std::nearbyint(xr[k] * s));
+        const float v = divide ? xr[k] / amax * 127.0f : xr[k] * s;
+        dst[m * K + k] = (outlier && outlier[k]) ? 0 : static_cast<int8_t>(std::nearbyint(v));
       }
     }
   });
@@ -137,6 +149,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> int8_vectorwise_quant_cpu(const a
   return {r.q.view(A.sizes()), r.row_stats, r.outlier_cols};
 }
 
+// int32 accumulators hold K products of magnitude up to 127 * 127 = 16129.
+constexpr int64_t kMaxInt8K = std::numeric_limits<int32_t>::max() / (127 * 127);
+
 void check_int8_pair(const at::Tensor& A, const at::Tensor& B, const char* op) {
   check_dtype(A, at::kChar, op, "A");
   check_dtype(B, at::kChar, op, "B");
@@ -144,6 +159,8 @@ void check_int8_pair(const at::Tensor& A, const at::Tensor& B, const char* op) {
   TORCH_CHECK_VALUE(A.dim() == 2 && B.dim() == 2, op, ": A and B must be 2-D, got ", A.sizes(), " and ", B.sizes());
   TORCH_CHECK_VALUE(A.size(1) == B.size(1), op, ": A is ", A.sizes(), " and B is ", B.sizes(),
                     "; A @ B.T needs the same last dimension");
+  TORCH_CHECK_VALUE(A.size(1) <= kMaxInt8K, op, ": K = ", A.size(1), " could overflow the int32 accumulator (max ",
+                    kMaxInt8K, ")");
 }
 
 at::Tensor int8_mm_cpu(const at::Tensor& A, const at::Tensor& B) {
@@ -163,10 +180,13 @@ at::Tensor int8_linear_cpu(const at::Tensor& x, const at::Tensor& CB, const at::
   TORCH_CHECK_VALUE(CB.dim() == 2, op, ": weight (CB) must be 2-D [out_features, in_features], got ", CB.sizes());
   const int64_t N = CB.size(0), K = CB.size(1);
   TORCH_CHECK_VALUE(x.size(-1) == K, op, ": x has ", x.size(-1), " features but the weight expects ", K);
+  TORCH_CHECK_VALUE(K <= kMaxInt8K, op, ": in_features = ", K, " could overflow the int32 accumulator (max ",
+                    kMaxInt8K, ")");
   check_numel(SCB, N, op, "SCB");
   TORCH_CHECK_VALUE(threshold >= 0 && std::isfinite(threshold), op, ": threshold must be finite and >= 0, got ",
                     threshold);
   if (bias.has_value()) {
+    check_float(*bias, op, "bias");
     check_same_device(x, *bias, op, "bias");
     TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == N, op, ": bias must have shape [", N, "], got ",
                       bias->sizes());

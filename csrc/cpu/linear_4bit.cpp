@@ -161,7 +161,7 @@ void gemv_avx512(const Weight4& w, const float* x, int64_t M, float* out) {
 
 // Many-rows path: out[:, slab] = x @ dequant(W[slab]).T, one L2-sized slab of weight rows at a time.
 void gemm_slabs(const Weight4& w, const at::Tensor& x, at::Tensor& out) {
-  const int64_t slab_rows = std::clamp<int64_t>(kSlabFloats / std::max<int64_t>(w.K, 1), 16, w.N);
+  const int64_t slab_rows = std::min(w.N, std::max<int64_t>(16, kSlabFloats / std::max<int64_t>(w.K, 1)));
   at::Tensor slab = at::empty({slab_rows, w.K}, x.options());
   for (int64_t n0 = 0; n0 < w.N; n0 += slab_rows) {
     const int64_t rows = std::min(slab_rows, w.N - n0);
@@ -228,6 +228,7 @@ at::Tensor linear_4bit_cpu(const at::Tensor& x, const at::Tensor& packed, const 
     w.nested_blocksize = nested_blocksize;
   }
   if (bias.has_value()) {
+    check_float(*bias, op, "bias");
     check_same_device(x, *bias, op, "bias");
     TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == N, op, ": bias must have shape [", N, "], got ",
                       bias->sizes());

@@ -176,6 +176,10 @@ class QuantState4bit:
         absmax, code = tensors[prefix + "absmax"], tensors[prefix + "quant_map"]
         if code.numel() != 16 or code.dtype != torch.float32:
             raise ValueError(f"'{prefix}quant_map' must be 16 float32 values, got {code.numel()} {code.dtype}")
+        if code.device.type != "meta" and not torch.equal(code.cpu(), _code_4bit(quant_type)):
+            # The kernels decode with the built-in table; a different map would be silently ignored.
+            raise ValueError(f"'{prefix}quant_map' is not the standard {quant_type} table (custom 4-bit maps "
+                             "are not supported)")
         state = cls(quant_type, blocksize, shape, parse_dtype(meta["dtype"]), absmax, code)
         n_blocks = -(-state.numel // blocksize)
         if absmax.numel() != n_blocks:
@@ -197,6 +201,9 @@ class QuantState4bit:
             )
             if absmax.dtype != torch.uint8:
                 raise ValueError(f"'{prefix}absmax' of a double-quantized weight must be uint8, got {absmax.dtype}")
+            for name, t in (("nested_quant_map", nested.code), ("nested_absmax", nested.absmax)):
+                if t.dtype != torch.float32:
+                    raise ValueError(f"'{prefix}{name}' must be float32, got {t.dtype}")
             if nested.code.numel() != 256:
                 raise ValueError(f"'{prefix}nested_quant_map' must have 256 entries, got {nested.code.numel()}")
             if nested.absmax.numel() != -(-n_blocks // nested.blocksize):
@@ -205,6 +212,9 @@ class QuantState4bit:
             state.nested = nested
         elif absmax.dtype != torch.float32:
             raise ValueError(f"'{prefix}absmax' must be float32, got {absmax.dtype}")
+        scales = [state.absmax] if state.nested is None else [state.nested.absmax, state.nested.code]
+        if any(t.device.type != "meta" and not torch.isfinite(t).all() for t in scales):
+            raise ValueError(f"the scales of '{prefix[:-1]}' hold NaN/Inf (corrupt checkpoint)")
         return state
 
 

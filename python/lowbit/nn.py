@@ -86,9 +86,13 @@ class _QuantizedLinear(nn.Module):
         if self.bias is not None:
             if bias is None:
                 missing_keys.append(prefix + "bias")
+            elif bias.shape != self.bias.shape:
+                raise ValueError(f"{prefix}bias has shape {list(bias.shape)}, expected [{self.out_features}]")
+            elif self.bias.device.type == "meta":
+                self.bias = nn.Parameter(bias.to(self.bias.dtype), requires_grad=self.bias.requires_grad)
             else:
-                with torch.no_grad():
-                    self.bias = nn.Parameter(self._place(bias).to(self.bias.dtype), requires_grad=self.bias.requires_grad)
+                with torch.no_grad():  # in place: an optimizer holding the Parameter keeps it
+                    self.bias.copy_(bias)
         elif bias is not None:
             unexpected_keys.append(prefix + "bias")
         unexpected_keys.extend(prefix + k for k in ours if k != "weight" and not self._owns_key(k))
@@ -153,6 +157,9 @@ class Linear4bit(_QuantizedLinear):
                               self.weight_dtype, self.absmax, self.quant_map, self._nested())  # fmt: skip
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:
+            # Checked here, not only in the op: the packed size cannot tell K from K+1 in every shape.
+            raise ValueError(f"input has {x.shape[-1]} features, Linear4bit expects {self.in_features}")
         dtype = self.compute_dtype or x.dtype
         out = ops.linear_4bit(x.to(dtype), self.weight, self.absmax, self.blocksize, self.quant_type,
                               self.out_features, self.bias, self._nested())  # fmt: skip
@@ -171,7 +178,7 @@ class Linear4bit(_QuantizedLinear):
         self._check_weight(weight)
         packed, absmax = ops.quantize_4bit(weight, self.blocksize, self.quant_type)
         if self.double_quant:
-            offset = absmax.mean()
+            offset = absmax.mean() if absmax.numel() else absmax.new_zeros(())
             absmax, nested_absmax = ops.quantize_blockwise(absmax - offset, dynamic_map(absmax.device), NESTED_BLOCKSIZE)
             self.nested_absmax = nested_absmax
             self.nested_quant_map = dynamic_map(absmax.device)

@@ -2,11 +2,13 @@
 meta tensors, and autograd for the linear ops (gradients flow to the input and bias; quantized
 weights are frozen, as in QLoRA).
 
-Schemas live in csrc/ops.cpp; the device kernels validate their arguments and raise ValueError /
-TypeError naming the problem, so these wrappers only supply defaults and convenient types."""
+Schemas live in csrc/ops.cpp; the native kernels validate their arguments and raise ValueError /
+TypeError naming the problem, so these wrappers only supply defaults and convenient types. On
+devices without native kernels (CUDA, for now) the reference runs, with lighter checks."""
 
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence
 
 import torch
@@ -131,13 +133,16 @@ def _check_devices(op: str, x: torch.Tensor, **tensors: Optional[torch.Tensor]) 
 @torch.library.register_fake("lowbit::linear_4bit")
 def _(x, packed, absmax, blocksize, quant_type, out_features, bias=None, nested_absmax=None, nested_code=None,
       nested_offset=0.0, nested_blocksize=256):  # fmt: skip
-    _check_devices("linear_4bit", x, **{"packed weight": packed, "absmax": absmax, "bias": bias})
+    _check_devices("linear_4bit", x, **{"packed weight": packed, "absmax": absmax, "bias": bias,
+                                        "nested_absmax": nested_absmax, "nested_code": nested_code})  # fmt: skip
     return x.new_empty((*x.shape[:-1], out_features))
 
 
 @torch.library.register_fake("lowbit::int8_vectorwise_quant")
 def _(A, threshold=0.0):
-    rows = A.numel() // A.shape[-1] if A.shape[-1] else 0
+    if A.dim() < 1:
+        raise ValueError("lowbit.int8_vectorwise_quant: A must have at least one dimension")
+    rows = math.prod(A.shape[:-1])
     # How many columns hold outliers depends on the data.
     n_outliers = torch.library.get_ctx().new_dynamic_size() if threshold > 0 else 0
     return (

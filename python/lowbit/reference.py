@@ -8,7 +8,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from .formats import NESTED_BLOCKSIZE, NestedState, code_4bit, dynamic_map
+from .formats import NESTED_BLOCKSIZE, NestedState, check_blocksize, code_4bit, dynamic_map
 
 _MIN_ABSMAX = 1e-38
 
@@ -27,6 +27,7 @@ def _check_finite(A: torch.Tensor, op: str) -> None:
 
 def quantize_4bit(A: torch.Tensor, blocksize: int = 64, quant_type: str = "nf4") -> tuple[torch.Tensor, torch.Tensor]:
     _check_finite(A, "quantize_4bit")
+    check_blocksize(blocksize)
     code = code_4bit(quant_type, A.device)
     blocks, n = _blocks(A, blocksize)
     absmax = blocks.abs().amax(dim=1)
@@ -54,12 +55,16 @@ def dequantize_4bit(
     shape: Sequence[int],
     dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
+    check_blocksize(blocksize)
     code = code_4bit(quant_type, packed.device)
     raw = packed.reshape(-1).view(torch.uint8)
     q = torch.stack([raw >> 4, raw & 0xF], dim=1).reshape(-1).long()
     n = 1
     for s in shape:
         n *= s
+    if raw.numel() != (n + 1) // 2 or absmax.numel() != -(-n // blocksize):
+        raise ValueError(f"lowbit.dequantize_4bit: {raw.numel()} packed bytes and {absmax.numel()} absmax values "
+                         f"do not fit shape {list(shape)} with blocksize {blocksize}")
     values = F.pad(code[q[:n]], (0, -n % blocksize)).view(-1, blocksize) * absmax.unsqueeze(1)
     return values.reshape(-1)[:n].reshape(shape).to(dtype)
 
@@ -106,7 +111,7 @@ def linear_4bit(
     if nested is not None:
         absmax = dequantize_blockwise(absmax, nested.absmax, nested.code, nested.blocksize) + nested.offset
     weight = dequantize_4bit(packed, absmax, blocksize, quant_type, (out_features, x.shape[-1]), x.dtype)
-    return F.linear(x, weight, bias)
+    return F.linear(x, weight, None if bias is None else bias.to(x.dtype))
 
 
 def int8_vectorwise_quant(
@@ -114,21 +119,25 @@ def int8_vectorwise_quant(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     rows = A.reshape(-1, A.shape[-1]).float()
     magnitude = rows.abs()
-    if threshold > 0:
-        is_outlier = magnitude >= threshold
-        outlier_cols = is_outlier.any(dim=0).nonzero().view(-1)
-        magnitude = magnitude.masked_fill(is_outlier, 0)
-    else:
-        outlier_cols = torch.empty(0, dtype=torch.int64, device=A.device)
+    is_outlier = magnitude >= threshold if threshold > 0 else torch.zeros_like(rows, dtype=torch.bool)
+    outlier_cols = is_outlier.any(dim=0).nonzero().view(-1)
+    magnitude = magnitude.masked_fill(is_outlier | magnitude.isnan(), 0)
     row_stats = magnitude.amax(dim=1) if rows.shape[1] else rows.new_zeros(rows.shape[0])
-    scale = torch.where(row_stats > 0, row_stats.reciprocal() * 127.0, torch.zeros_like(row_stats))
-    q = torch.round(rows * scale.unsqueeze(1))
+    # (1 / absmax) * 127 in float32, as bitsandbytes computes it; a subnormal absmax overflows the
+    # reciprocal, so such rows divide instead.
+    scale = (row_stats.reciprocal() * 127.0).unsqueeze(1)
+    scaled = torch.where(scale.isfinite(), rows * scale, rows / row_stats.unsqueeze(1) * 127.0)
+    q = torch.round(torch.where(row_stats.unsqueeze(1) > 0, scaled, 0.0))
     q[:, outlier_cols] = 0
-    return q.to(torch.int8).reshape(A.shape), row_stats, outlier_cols
+    # A NaN/Inf outside the outlier columns makes the row's result NaN, as it would in F.linear.
+    poisoned = (~rows.isfinite() & ~is_outlier).any(dim=1)
+    q[poisoned] = 0
+    return q.to(torch.int8).reshape(A.shape), row_stats.masked_fill(poisoned, float("nan")), outlier_cols
 
 
 def int8_mm(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
-    return (A.long() @ B.long().t()).to(torch.int32)
+    # float64 holds these sums exactly (|sum| < K * 127^2 < 2^53) and, unlike int64, multiplies on GPUs.
+    return (A.double() @ B.double().t()).to(torch.int32)
 
 
 def int8_linear(
