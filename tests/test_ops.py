@@ -31,7 +31,7 @@ def _weight(n, k, dtype, device="cpu"):
 @pytest.mark.parametrize("blocksize", [32, 64, 256, 4096])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("numel", SIZES + [4096 * 3 + 5])
-def test_quantize_4bit_matches_reference_bit_for_bit(device, quant_type, blocksize, dtype, numel):
+def test_quantize_4bit_matches_reference_bit_for_bit(isa, device, quant_type, blocksize, dtype, numel):
     A = torch.randn(numel, device=device).to(dtype) * 3
     packed, absmax = ops.quantize_4bit(A, blocksize, quant_type)
     ref_packed, ref_absmax = reference.quantize_4bit(A, blocksize, quant_type)
@@ -42,7 +42,7 @@ def test_quantize_4bit_matches_reference_bit_for_bit(device, quant_type, blocksi
 
 
 @pytest.mark.parametrize("quant_type", QUANT_TYPES)
-def test_quantize_4bit_edge_values(quant_type):
+def test_quantize_4bit_edge_values(isa, quant_type):
     # Exact zeros, a whole zero block, the block maximum, and values on code midpoints.
     code = code_4bit(quant_type)
     mids = (code.sort().values[:-1] + code.sort().values[1:]) / 2

@@ -8,7 +8,12 @@
 #include <atomic>
 #include <cmath>
 
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
 #include "checks.h"
+#include "cpu/isa.h"
 #include "formats.h"
 
 namespace lowbit {
@@ -16,6 +21,28 @@ namespace {
 
 // Blocks are independent; a few blocks per task keeps scheduling cheap for small blocksizes.
 int64_t block_grain(int64_t blocksize) { return std::max<int64_t>(1, 32768 / blocksize); }
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+// Codes of a full block, 16 at a time: the same scaled value and the same count of midpoints below
+// it as Codebook4::encode, as 15 vector compares, so the bytes are identical to the portable path.
+__attribute__((target("avx512f"))) void encode_full_block_avx512(const float* vals, int64_t len, float inv,
+                                                                 const Codebook4& book, uint8_t* codes) {
+  int32_t code_of_sorted[16];
+  for (int i = 0; i < 16; ++i) code_of_sorted[i] = book.code_of_sorted[i];
+  const __m512i lookup = _mm512_loadu_si512(code_of_sorted);
+  const __m512 scale = _mm512_set1_ps(inv), lo = _mm512_set1_ps(-1.0f), hi = _mm512_set1_ps(1.0f);
+  const __m512i one = _mm512_set1_epi32(1);
+  for (int64_t i = 0; i < len; i += 16) {
+    const __m512 x = _mm512_min_ps(_mm512_max_ps(_mm512_mul_ps(_mm512_loadu_ps(vals + i), scale), lo), hi);
+    __m512i count = _mm512_setzero_si512();
+    for (int b = 0; b < 15; ++b) {
+      const __mmask16 above = _mm512_cmp_ps_mask(_mm512_set1_ps(book.bounds[b]), x, _CMP_LT_OQ);
+      count = _mm512_mask_add_epi32(count, above, count, one);
+    }
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(codes + i), _mm512_cvtepi32_epi8(_mm512_permutexvar_epi32(count, lookup)));
+  }
+}
+#endif
 
 std::tuple<at::Tensor, at::Tensor> quantize_4bit_cpu(const at::Tensor& A, int64_t blocksize,
                                                      c10::string_view quant_type) {
@@ -29,6 +56,7 @@ std::tuple<at::Tensor, at::Tensor> quantize_4bit_cpu(const at::Tensor& A, int64_
   at::Tensor packed = at::empty({(n + 1) / 2, 1}, a.options().dtype(at::kByte));
   at::Tensor absmax = at::empty({nblocks}, a.options().dtype(at::kFloat));
   std::atomic<bool> non_finite{false};
+  [[maybe_unused]] const bool avx512 = use_avx512();
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "quantize_4bit", [&] {
     const scalar_t* src = a.const_data_ptr<scalar_t>();
@@ -55,6 +83,11 @@ std::tuple<at::Tensor, at::Tensor> quantize_4bit_cpu(const at::Tensor& A, int64_
         const float denom = std::max(amax, kMinAbsmax);
         const float inv = 1.0f / denom;
         if (len == blocksize) {
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+          if (avx512) {
+            encode_full_block_avx512(vals, len, inv, book, codes);
+          } else
+#endif
           for (int64_t i = 0; i < len; ++i) codes[i] = book.encode(std::clamp(vals[i] * inv, -1.0f, 1.0f));
         } else {
           for (int64_t i = 0; i < len; ++i) codes[i] = book.encode(std::clamp(vals[i] / denom, -1.0f, 1.0f));
