@@ -352,3 +352,12 @@ def test_fake_int8_quant_with_zero_features():
 def test_int8_mm_refuses_k_that_could_overflow():
     with pytest.raises(ValueError, match="overflow the int32 accumulator"):
         ops.int8_mm(torch.zeros(1, 133_200, dtype=torch.int8), torch.zeros(1, 133_200, dtype=torch.int8))
+
+
+def test_import_refuses_a_library_built_for_another_torch(monkeypatch):
+    from lowbit import _native
+
+    real = _native.build_info
+    monkeypatch.setattr(_native, "build_info", lambda: {**real(), "torch": "1.0.0"})
+    with pytest.raises(ImportError, match=r"built against torch 1.0.0 but torch .* is installed.*Rebuild"):
+        _native.load()
