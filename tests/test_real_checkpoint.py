@@ -7,7 +7,6 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import lowbit
-from lowbit.compare.models import smollm2_gguf_path
 
 pytestmark = pytest.mark.slow
 
@@ -18,13 +17,8 @@ CONFIGS = {
 
 
 @pytest.fixture(scope="module")
-def smollm2_dir(tmp_path_factory):
-    pytest.importorskip("gguf", reason="transformers needs the gguf package to read SmolLM2's .gguf file")
-    try:
-        gguf = smollm2_gguf_path()
-    except ImportError as e:
-        pytest.skip(f"SmolLM2 checkpoint unavailable: {e}")
-    folder, name = gguf.rsplit("/", 1)
+def smollm2_dir(tmp_path_factory, smollm2_gguf):
+    folder, name = smollm2_gguf
     gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     # A GGUF-loaded model refuses save_pretrained; rebuild it as a plain float32 checkpoint.
