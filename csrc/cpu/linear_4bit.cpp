@@ -5,8 +5,8 @@
 //    multiply-adds, so the kernel is bound by memory and by the cost of decoding codes. The
 //    AVX-512 path decodes 16 codes with one vpermps against the 16-entry table held in a
 //    register, and feeds the floats straight into FMAs; nothing is written back.
-//  * many rows (prefill): the work is a real GEMM; dequantize a slab of weight rows that fits
-//    in L2 and hand it to the BLAS GEMM, so the dequantization is amortized over all M rows.
+//  * many rows (prefill): the work is a real GEMM; dequantize a bounded slab of weight rows
+//    and hand it to the BLAS GEMM, so the dequantization is amortized over all M rows.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -29,8 +29,10 @@ constexpr int64_t kMaxFusedRows = 32;
 constexpr int64_t kMaxPortableGemvRows = 8;
 // Weight rows kept hot while all of x passes over them (16 rows of K=4096 are 32 KiB packed).
 constexpr int64_t kRowTile = 16;
-// Weight slab handed to the GEMM at a time: about 1 MiB of float32, so it stays in L2.
-constexpr int64_t kSlabFloats = 1 << 18;
+// Weight slab handed to the GEMM at a time: 4 MiB of float32. Whole small layers fit in one
+// call (at 512 rows, a 1536x576 layer took 6.6 ms this way against 9.8 ms in 1 MiB slabs, fp32
+// 6.4 ms); the slab is written once and then streamed by the GEMM, so L2 need not hold it.
+constexpr int64_t kSlabFloats = 1 << 20;
 
 // A read-only view of one packed weight with its per-block scales.
 struct Weight4 {
