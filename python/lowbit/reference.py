@@ -136,8 +136,13 @@ def int8_vectorwise_quant(
 
 
 def int8_mm(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
-    # float64 holds these sums exactly (|sum| < K * 127^2 < 2^53) and, unlike int64, multiplies on GPUs.
-    return (A.double() @ B.double().t()).to(torch.int32)
+    # A float32 sum of at most 1024 products of magnitude <= 127^2 stays below 2^24, so each chunk
+    # of K is exact in float32 (fast on any device, unlike int64 or float64 on GPUs); the chunks add
+    # up in int32, as the native kernels accumulate.
+    out = torch.zeros(A.shape[0], B.shape[0], dtype=torch.int32, device=A.device)
+    for k in range(0, A.shape[1], 1024):
+        out += (A[:, k : k + 1024].float() @ B[:, k : k + 1024].float().t()).to(torch.int32)
+    return out
 
 
 def int8_linear(
