@@ -97,8 +97,17 @@ class _QuantizedLinear(nn.Module):
             unexpected_keys.append(prefix + "bias")
         unexpected_keys.extend(prefix + k for k in ours if k != "weight" and not self._owns_key(k))
 
-    def _nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in list(self.buffers()) + list(self.parameters()))
+    def _options_repr(self) -> str:
+        return ""  # each layer adds its own format options
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"{self._options_repr()}, {module_nbytes(self) / 2**10:.1f} KiB")
+
+
+def module_nbytes(module: nn.Module) -> int:
+    """Bytes held by a module's parameters and buffers (packed weights, scales, bias)."""
+    return sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
 
 
 class Linear4bit(_QuantizedLinear):
@@ -233,11 +242,10 @@ class Linear4bit(_QuantizedLinear):
             for key, value in self.quant_state().to_state_dict(prefix + "weight.").items():
                 destination[key] = value if keep_vars else value.detach()
 
-    def extra_repr(self) -> str:
+    def _options_repr(self) -> str:
         dq = ", double_quant=True" if self.double_quant else ""
         cd = f", compute_dtype={dtype_name(self.compute_dtype)}" if self.compute_dtype else ""
-        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"quant_type={self.quant_type}, blocksize={self.blocksize}{dq}{cd}, {self._nbytes() / 2**10:.1f} KiB")
+        return f"quant_type={self.quant_type}, blocksize={self.blocksize}{dq}{cd}"
 
 
 class Linear8bit(_QuantizedLinear):
@@ -303,6 +311,5 @@ class Linear8bit(_QuantizedLinear):
         if self.weight.device.type != "meta":  # not an attribute: see Linear4bit._save_to_state_dict
             destination[prefix + "weight_format"] = torch.tensor(0, dtype=torch.uint8)
 
-    def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"threshold={self.threshold}, {self._nbytes() / 2**10:.1f} KiB")
+    def _options_repr(self) -> str:
+        return f"threshold={self.threshold}"

@@ -14,7 +14,8 @@ from ._optional import require
 from .data import DEFAULT_PROMPTS, default_text, strided_windows
 from .evaluate import evaluate_against, evaluate_reference, generate, layer_errors, measure_speed
 from .mixed import propose
-from .models import footprint, load_full_precision, module_bytes, quantized_copy
+from ..nn import module_nbytes
+from .models import footprint, load_full_precision, quantized_copy
 from .report import ConfigResult, LayerError, Report
 
 # Defaults sized so the built-in SmolLM2 run over five configs takes a few minutes on a
@@ -133,8 +134,8 @@ def compare(
                     scheme=config.scheme_for(n),
                     rel_error=e.rel_error,
                     est_ppl_change=math.expm1(e.est_nll / sensitivity_tokens),
-                    bytes=module_bytes(q_modules[n]),
-                    full_bytes=module_bytes(full_modules[n]),
+                    bytes=module_nbytes(q_modules[n]),
+                    full_bytes=module_nbytes(full_modules[n]),
                 )
                 for n, e in errors.items()
             ]

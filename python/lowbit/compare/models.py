@@ -123,12 +123,6 @@ def linear_modules(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
     }
 
 
-def module_bytes(module: torch.nn.Module) -> int:
-    """Bytes held by a module's own parameters and buffers (packed weights, scales, bias)."""
-    tensors = [*module.parameters(), *module.buffers()]
-    return sum(t.numel() * t.element_size() for t in tensors)
-
-
 @dataclass
 class Footprint:
     linear_bytes: int  # the linear layers, i.e. what quantization can shrink
