@@ -7,12 +7,8 @@
 #include <cmath>
 #include <limits>
 
-#if defined(__x86_64__)
-#include <immintrin.h>
-#endif
-
-#include "checks.h"
 #include "cpu/isa.h"
+#include "validate.h"
 
 namespace lowbit {
 namespace {
@@ -86,12 +82,11 @@ void int8_gemv_portable(const int8_t* a, const int8_t* b, int64_t M, int64_t N, 
   });
 }
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#if LOWBIT_X86
 // The activations are widened to int16 once per call; each weight row is widened 32 bytes at a
 // time and vpmaddwd multiplies and pair-adds into int32 lanes (no overflow: |pair| <= 2 * 127^2).
-__attribute__((target("avx512f,avx512bw"))) void int8_gemv_avx512_rows(const int16_t* a16, const int8_t* b,
-                                                                        int64_t M, int64_t N, int64_t K,
-                                                                        int32_t* out, int64_t n0, int64_t n1) {
+LOWBIT_AVX512 void int8_gemv_avx512_rows(const int16_t* a16, const int8_t* b, int64_t M, int64_t N, int64_t K,
+                                          int32_t* out, int64_t n0, int64_t n1) {
   const int64_t K32 = K / 32 * 32;
   for (int64_t n = n0; n < n1; ++n) {
     const int8_t* row = b + n * K;
@@ -124,7 +119,7 @@ at::Tensor int8_matmul(const at::Tensor& a, const at::Tensor& b) {
   if (M > kMaxGemvRows && K >= 16 && N > 0) return at::_int_mm(a, b.t());
   at::Tensor out = at::empty({M, N}, a.options().dtype(at::kInt));
   if (M == 0 || N == 0) return out;
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#if LOWBIT_X86
   if (use_avx512()) {
     int8_gemv_avx512(a.const_data_ptr<int8_t>(), b.const_data_ptr<int8_t>(), M, N, K, out.data_ptr<int32_t>());
     return out;
@@ -140,58 +135,20 @@ at::Tensor flatten_rows(const at::Tensor& x) {
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> int8_vectorwise_quant_cpu(const at::Tensor& A, double threshold) {
-  const char* op = "lowbit.int8_vectorwise_quant";
-  check_float(A, op, "A");
-  TORCH_CHECK_VALUE(A.dim() >= 1, op, ": A must have at least one dimension");
-  TORCH_CHECK_VALUE(threshold >= 0 && std::isfinite(threshold), op, ": threshold must be finite and >= 0, got ",
-                    threshold);
+  validate_int8_vectorwise_quant(A, threshold);
   RowQuantized r = quantize_rows(flatten_rows(A).to(at::kFloat).contiguous(), threshold);
   return {r.q.view(A.sizes()), r.row_stats, r.outlier_cols};
 }
 
-// int32 accumulators hold K products of magnitude up to 127 * 127 = 16129.
-constexpr int64_t kMaxInt8K = std::numeric_limits<int32_t>::max() / (127 * 127);
-
-void check_int8_pair(const at::Tensor& A, const at::Tensor& B, const char* op) {
-  check_dtype(A, at::kChar, op, "A");
-  check_dtype(B, at::kChar, op, "B");
-  check_same_device(A, B, op, "B");
-  TORCH_CHECK_VALUE(A.dim() == 2 && B.dim() == 2, op, ": A and B must be 2-D, got ", A.sizes(), " and ", B.sizes());
-  TORCH_CHECK_VALUE(A.size(1) == B.size(1), op, ": A is ", A.sizes(), " and B is ", B.sizes(),
-                    "; A @ B.T needs the same last dimension");
-  TORCH_CHECK_VALUE(A.size(1) <= kMaxInt8K, op, ": K = ", A.size(1), " could overflow the int32 accumulator (max ",
-                    kMaxInt8K, ")");
-}
-
 at::Tensor int8_mm_cpu(const at::Tensor& A, const at::Tensor& B) {
-  check_int8_pair(A, B, "lowbit.int8_mm");
+  validate_int8_mm(A, B);
   return int8_matmul(A.contiguous(), B.contiguous());
 }
 
 at::Tensor int8_linear_cpu(const at::Tensor& x, const at::Tensor& CB, const at::Tensor& SCB, double threshold,
                            const std::optional<at::Tensor>& bias) {
-  const char* op = "lowbit.int8_linear";
-  check_float(x, op, "x");
-  TORCH_CHECK_VALUE(x.dim() >= 1, op, ": x must have at least one dimension");
-  check_dtype(CB, at::kChar, op, "weight (CB)");
-  check_dtype(SCB, at::kFloat, op, "SCB");
-  check_same_device(x, CB, op, "weight (CB)");
-  check_same_device(x, SCB, op, "SCB");
-  TORCH_CHECK_VALUE(CB.dim() == 2, op, ": weight (CB) must be 2-D [out_features, in_features], got ", CB.sizes());
-  const int64_t N = CB.size(0), K = CB.size(1);
-  TORCH_CHECK_VALUE(x.size(-1) == K, op, ": x has ", x.size(-1), " features but the weight expects ", K);
-  TORCH_CHECK_VALUE(K <= kMaxInt8K, op, ": in_features = ", K, " could overflow the int32 accumulator (max ",
-                    kMaxInt8K, ")");
-  check_numel(SCB, N, op, "SCB");
-  TORCH_CHECK_VALUE(threshold >= 0 && std::isfinite(threshold), op, ": threshold must be finite and >= 0, got ",
-                    threshold);
-  if (bias.has_value()) {
-    check_float(*bias, op, "bias");
-    check_same_device(x, *bias, op, "bias");
-    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == N, op, ": bias must have shape [", N, "], got ",
-                      bias->sizes());
-  }
-
+  validate_int8_linear(x, CB, SCB, threshold, bias);
+  const int64_t N = CB.size(0);
   const at::Tensor x2 = flatten_rows(x).to(at::kFloat).contiguous();
   const at::Tensor w = CB.contiguous();
   const at::Tensor wscale = SCB.contiguous();

@@ -11,13 +11,9 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#if defined(__x86_64__)
-#include <immintrin.h>
-#endif
-
-#include "checks.h"
 #include "cpu/isa.h"
 #include "formats.h"
+#include "validate.h"
 
 namespace lowbit {
 namespace {
@@ -34,39 +30,17 @@ constexpr int64_t kRowTile = 16;
 // 6.4 ms); the slab is written once and then streamed by the GEMM, so L2 need not hold it.
 constexpr int64_t kSlabFloats = 1 << 20;
 
-// A read-only view of one packed weight with its per-block scales.
-struct Weight4 {
-  const uint8_t* packed;
-  int64_t N, K, blocksize;
-  const float* table;
-  const float* absmax;        // plain float32 scales, or null when double-quantized
-  const uint8_t* absmax_q;    // double-quantized scale codes
-  const float* nested_absmax;
-  const float* nested_code;
-  float nested_offset;
-  int64_t nested_blocksize;
-
-  float scale(int64_t block) const {
-    if (absmax) return absmax[block];
-    return nested_code[absmax_q[block]] * nested_absmax[block / nested_blocksize] + nested_offset;
+// Row n of the weight into dst[0, K). Works for any K: a row may start mid-byte and blocks may span rows.
+void dequantize_row(const Weight4& w, int64_t n, float* dst) {
+  const int64_t base = n * w.K;
+  int64_t k = 0;
+  while (k < w.K) {
+    const int64_t block = (base + k) / w.blocksize;
+    const int64_t end = std::min(w.K, (block + 1) * w.blocksize - base);
+    const float s = w.scale(block);
+    for (; k < end; ++k) dst[k] = w.value(base + k, s);
   }
-
-  // Row n into dst[0, K). Works for any K: a row may start mid-byte and blocks may span rows.
-  void dequantize_row(int64_t n, float* dst) const {
-    const int64_t base = n * K;
-    int64_t k = 0;
-    while (k < K) {
-      const int64_t block = (base + k) / blocksize;
-      const int64_t end = std::min(K, (block + 1) * blocksize - base);
-      const float s = scale(block);
-      for (; k < end; ++k) {
-        const int64_t idx = base + k;
-        const uint8_t byte = packed[idx >> 1];
-        dst[k] = table[(idx & 1) ? (byte & 0xF) : (byte >> 4)] * s;
-      }
-    }
-  }
-};
+}
 
 // 16 independent partial sums: the compiler vectorizes them, and the pairwise finish keeps the
 // rounding error of long rows close to a BLAS dot product's rather than a running sum's.
@@ -87,15 +61,13 @@ void gemv_portable(const Weight4& w, const float* x, int64_t M, float* out) {
   at::parallel_for(0, w.N, 16, [&](int64_t n0, int64_t n1) {
     std::vector<float> row(w.K);
     for (int64_t n = n0; n < n1; ++n) {
-      w.dequantize_row(n, row.data());
+      dequantize_row(w, n, row.data());
       for (int64_t m = 0; m < M; ++m) out[m * w.N + n] = dot(row.data(), x + m * w.K, w.K);
     }
   });
 }
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#define LOWBIT_AVX512 __attribute__((target("avx512f,avx512bw")))
-
+#if LOWBIT_X86
 // Byte j of a 16-byte group holds elements 2j (high nibble) and 2j+1 (low nibble). Rather than
 // interleave decoded weights, x is reordered once per call so that each 32-element chunk holds
 // its 16 even elements and then its 16 odd ones; each nibble plane then meets its x directly.
@@ -201,72 +173,19 @@ at::Tensor linear_4bit_cpu(const at::Tensor& x, const at::Tensor& packed, const 
                            const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& nested_absmax,
                            const std::optional<at::Tensor>& nested_code, double nested_offset,
                            int64_t nested_blocksize) {
-  const char* op = "lowbit.linear_4bit";
-  check_blocksize(blocksize, op);
-  const float* table = code_table(parse_quant_type(quant_type, op));
-  check_float(x, op, "x");
-  TORCH_CHECK_VALUE(x.dim() >= 1, op, ": x must have at least one dimension");
-  check_dtype(packed, at::kByte, op, "packed weight");
-  check_same_device(x, packed, op, "packed weight");
-  check_same_device(x, absmax, op, "absmax");
-  TORCH_CHECK_VALUE(out_features >= 0, op, ": out_features must be non-negative, got ", out_features);
-  const int64_t K = x.size(-1);
-  const int64_t N = out_features;
-  const int64_t n = N * K;
-  TORCH_CHECK_VALUE(packed.numel() == (n + 1) / 2, op, ": the packed weight holds ", packed.numel(),
-                    " bytes but a [", N, ", ", K, "] weight needs ", (n + 1) / 2,
-                    " (does x's last dimension match in_features?)");
-  const int64_t nblocks = (n + blocksize - 1) / blocksize;
-  check_numel(absmax, nblocks, op, "absmax");
-
-  Weight4 w{};
-  const at::Tensor q = packed.contiguous();
-  const at::Tensor scales = absmax.contiguous();
-  at::Tensor nested_scales, nested_table;
-  w.packed = q.const_data_ptr<uint8_t>();
-  w.N = N;
-  w.K = K;
-  w.blocksize = blocksize;
-  w.table = table;
-  if (scales.scalar_type() == at::kFloat) {
-    w.absmax = scales.const_data_ptr<float>();
-  } else {
-    TORCH_CHECK_TYPE(scales.scalar_type() == at::kByte, op,
-                     ": absmax must be float32, or uint8 when double-quantized, got ", scales.scalar_type());
-    TORCH_CHECK_VALUE(nested_absmax.has_value() && nested_code.has_value(), op,
-                      ": a double-quantized (uint8) absmax needs nested_absmax and nested_code");
-    check_blocksize(nested_blocksize, op);
-    nested_scales = nested_absmax->contiguous();
-    nested_table = nested_code->contiguous();
-    check_dtype(nested_scales, at::kFloat, op, "nested_absmax");
-    check_dtype(nested_table, at::kFloat, op, "nested_code");
-    check_same_device(x, nested_scales, op, "nested_absmax");
-    check_same_device(x, nested_table, op, "nested_code");
-    check_numel(nested_scales, (nblocks + nested_blocksize - 1) / nested_blocksize, op, "nested_absmax");
-    check_numel(nested_table, 256, op, "nested_code");
-    w.absmax_q = scales.const_data_ptr<uint8_t>();
-    w.nested_absmax = nested_scales.const_data_ptr<float>();
-    w.nested_code = nested_table.const_data_ptr<float>();
-    w.nested_offset = static_cast<float>(nested_offset);
-    w.nested_blocksize = nested_blocksize;
-  }
-  if (bias.has_value()) {
-    check_float(*bias, op, "bias");
-    check_same_device(x, *bias, op, "bias");
-    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == N, op, ": bias must have shape [", N, "], got ",
-                      bias->sizes());
-  }
-
+  const Linear4bitWeight weight = validate_linear_4bit(x, packed, absmax, blocksize, quant_type, out_features, bias,
+                                                      nested_absmax, nested_code, nested_offset, nested_blocksize);
+  const Weight4& w = weight.view;
+  const int64_t M = weight.M, N = w.N, K = w.K;
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
   out_shape.back() = N;
-  const int64_t M = c10::multiply_integers(x.sizes().begin(), x.sizes().end() - 1);
   const at::Tensor x2 = x.reshape({M, K}).to(at::kFloat).contiguous();
   at::Tensor out = at::empty({M, N}, x2.options());
   if (M > 0 && N > 0) {
     [[maybe_unused]] const bool avx512 = K % blocksize == 0 && use_avx512();
     if (K == 0) {
       out.zero_();
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#if LOWBIT_X86
     } else if (avx512 && M <= kMaxFusedRows) {
       gemv_avx512(w, x2.const_data_ptr<float>(), M, out.data_ptr<float>());
     } else if (avx512) {
@@ -276,7 +195,7 @@ at::Tensor linear_4bit_cpu(const at::Tensor& x, const at::Tensor& packed, const 
 #endif
     } else if (M > kMaxPortableGemvRows) {
       gemm_slabs(w, x2, out, [&](int64_t n0, int64_t n1, float* dst) {
-        for (int64_t n = n0; n < n1; ++n) w.dequantize_row(n, dst + (n - n0) * w.K);
+        for (int64_t n = n0; n < n1; ++n) dequantize_row(w, n, dst + (n - n0) * w.K);
       });
     } else {
       gemv_portable(w, x2.const_data_ptr<float>(), M, out.data_ptr<float>());

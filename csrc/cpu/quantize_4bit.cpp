@@ -6,15 +6,12 @@
 #include <torch/library.h>
 
 #include <atomic>
-#include <cmath>
-
-#if defined(__x86_64__)
-#include <immintrin.h>
-#endif
 
 #include "checks.h"
+#include "cpu/blocks.h"
 #include "cpu/isa.h"
 #include "formats.h"
+#include "validate.h"
 
 namespace lowbit {
 namespace {
@@ -22,10 +19,10 @@ namespace {
 // Blocks are independent; a few blocks per task keeps scheduling cheap for small blocksizes.
 int64_t block_grain(int64_t blocksize) { return std::max<int64_t>(1, 32768 / blocksize); }
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#if LOWBIT_X86
 // Codes of a full block, 16 at a time: the same scaled value and the same count of midpoints below
 // it as Codebook4::encode, as 15 vector compares, so the bytes are identical to the portable path.
-__attribute__((target("avx512f"))) void encode_full_block_avx512(const float* vals, int64_t len, float inv,
+LOWBIT_AVX512 void encode_full_block_avx512(const float* vals, int64_t len, float inv,
                                                                  const Codebook4& book, uint8_t* codes) {
   int32_t code_of_sorted[16];
   for (int i = 0; i < 16; ++i) code_of_sorted[i] = book.code_of_sorted[i];
@@ -46,10 +43,7 @@ __attribute__((target("avx512f"))) void encode_full_block_avx512(const float* va
 
 std::tuple<at::Tensor, at::Tensor> quantize_4bit_cpu(const at::Tensor& A, int64_t blocksize,
                                                      c10::string_view quant_type) {
-  const char* op = "lowbit.quantize_4bit";
-  check_blocksize(blocksize, op);
-  const Codebook4& book = codebook(parse_quant_type(quant_type, op));
-  check_float(A, op, "A");
+  const Codebook4& book = codebook(validate_quantize_4bit(A, blocksize, quant_type));
   const at::Tensor a = A.contiguous();
   const int64_t n = a.numel();
   const int64_t nblocks = (n + blocksize - 1) / blocksize;
@@ -68,55 +62,36 @@ std::tuple<at::Tensor, at::Tensor> quantize_4bit_cpu(const at::Tensor& A, int64_
       for (int64_t b = b0; b < b1; ++b) {
         const int64_t start = b * blocksize;
         const int64_t len = std::min(blocksize, n - start);
-        float amax = 0.f;
-        bool finite = true;
-        for (int64_t i = 0; i < len; ++i) {
-          const float v = static_cast<float>(src[start + i]);
-          vals[i] = v;
-          amax = std::max(amax, std::abs(v));
-          finite &= std::isfinite(v);
-        }
-        if (!finite) non_finite.store(true, std::memory_order_relaxed);
-        amax_out[b] = amax;
+        const BlockScan scan = scan_block(src + start, len, vals);
+        if (!scan.finite) non_finite.store(true, std::memory_order_relaxed);
+        const float amax = amax_out[b] = scan.absmax;
         // Full blocks multiply by the reciprocal, a final partial block divides: that is exactly
         // what the reference (and bitsandbytes) computes, and on a tie it decides the code.
         const float denom = std::max(amax, kMinAbsmax);
         const float inv = 1.0f / denom;
         if (len == blocksize) {
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#if LOWBIT_X86
           if (avx512) {
             encode_full_block_avx512(vals, len, inv, book, codes);
           } else
 #endif
-          for (int64_t i = 0; i < len; ++i) codes[i] = book.encode(std::clamp(vals[i] * inv, -1.0f, 1.0f));
+          for (int64_t i = 0; i < len; ++i) codes[i] = book.encode(std::clamp(mul_rn(vals[i], inv), -1.0f, 1.0f));
         } else {
-          for (int64_t i = 0; i < len; ++i) codes[i] = book.encode(std::clamp(vals[i] / denom, -1.0f, 1.0f));
+          for (int64_t i = 0; i < len; ++i) codes[i] = book.encode(std::clamp(div_rn(vals[i], denom), -1.0f, 1.0f));
         }
         codes[len] = book.zero_code;  // pads the low nibble of a final odd element
-        for (int64_t i = 0; i < len; i += 2) dst[(start + i) / 2] = static_cast<uint8_t>(codes[i] << 4 | codes[i + 1]);
+        for (int64_t i = 0; i < len; i += 2) dst[(start + i) / 2] = pack_codes(codes[i], codes[i + 1]);
       }
     });
   });
-  TORCH_CHECK_VALUE(!non_finite.load(), op, ": input contains NaN or Inf; a block's absmax would be meaningless");
+  check_finite_input(!non_finite.load(), "lowbit.quantize_4bit");
   return {packed, absmax};
 }
 
 at::Tensor dequantize_4bit_cpu(const at::Tensor& packed, const at::Tensor& absmax, int64_t blocksize,
                                c10::string_view quant_type, at::IntArrayRef shape, at::ScalarType dtype) {
-  const char* op = "lowbit.dequantize_4bit";
-  check_blocksize(blocksize, op);
-  const float* table = code_table(parse_quant_type(quant_type, op));
-  check_dtype(packed, at::kByte, op, "packed");
-  check_dtype(absmax, at::kFloat, op, "absmax");
-  check_same_device(packed, absmax, op, "absmax");
-  check_out_dtype(dtype, op);
-  int64_t n = 1;
-  for (int64_t s : shape) {
-    TORCH_CHECK_VALUE(s >= 0, op, ": negative size in shape ", shape);
-    n *= s;
-  }
-  check_numel(packed, (n + 1) / 2, op, "packed");
-  check_numel(absmax, (n + blocksize - 1) / blocksize, op, "absmax");
+  const float* table = codebook(validate_dequantize_4bit(packed, absmax, blocksize, quant_type, shape, dtype)).value;
+  const int64_t n = c10::multiply_integers(shape);
   const at::Tensor q = packed.contiguous();
   const at::Tensor scales = absmax.contiguous();
   at::Tensor out = at::empty(shape, packed.options().dtype(dtype));
@@ -131,11 +106,7 @@ at::Tensor dequantize_4bit_cpu(const at::Tensor& packed, const at::Tensor& absma
         const int64_t start = b * blocksize;
         const int64_t len = std::min(blocksize, n - start);
         const float scale = amax[b];
-        for (int64_t i = 0; i < len; ++i) {
-          const uint8_t byte = src[(start + i) >> 1];
-          const uint8_t code = (i & 1) ? (byte & 0xF) : (byte >> 4);
-          dst[start + i] = static_cast<scalar_t>(table[code] * scale);
-        }
+        for (int64_t i = start; i < start + len; ++i) dst[i] = static_cast<scalar_t>(mul_rn(table[code_at(src, i)], scale));
       }
     });
   });

@@ -5,32 +5,23 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <atomic>
-#include <cmath>
 
 #include "checks.h"
+#include "cpu/blocks.h"
 #include "formats.h"
+#include "validate.h"
 
 namespace lowbit {
 namespace {
 
-void check_code(const at::Tensor& code, const at::Tensor& A, const char* op) {
-  check_dtype(code, at::kFloat, op, "code");
-  check_same_device(A, code, op, "code");
-  check_numel(code, 256, op, "code");
-}
-
 std::tuple<at::Tensor, at::Tensor> quantize_blockwise_cpu(const at::Tensor& A, const at::Tensor& code,
                                                           int64_t blocksize) {
-  const char* op = "lowbit.quantize_blockwise";
-  check_blocksize(blocksize, op);
-  check_float(A, op, "A");
-  check_code(code, A, op);
+  validate_quantize_blockwise(A, code, blocksize);
   const at::Tensor a = A.contiguous();
   const at::Tensor table_t = code.contiguous();
   const float* table = table_t.const_data_ptr<float>();
-  for (int i = 1; i < 256; ++i)
-    TORCH_CHECK_VALUE(table[i - 1] <= table[i], op, ": code must be sorted ascending (entry ", i, ")");
   const int64_t n = a.numel();
   const int64_t nblocks = (n + blocksize - 1) / blocksize;
   at::Tensor out = at::empty(a.sizes(), a.options().dtype(at::kByte));
@@ -45,20 +36,14 @@ std::tuple<at::Tensor, at::Tensor> quantize_blockwise_cpu(const at::Tensor& A, c
       for (int64_t b = b0; b < b1; ++b) {
         const int64_t start = b * blocksize;
         const int64_t len = std::min(blocksize, n - start);
-        float amax = 0.f;
-        bool finite = true;
-        for (int64_t i = 0; i < len; ++i) {
-          const float v = static_cast<float>(src[start + i]);
-          amax = std::max(amax, std::abs(v));
-          finite &= std::isfinite(v);
-        }
-        if (!finite) non_finite.store(true, std::memory_order_relaxed);
-        amax_out[b] = amax;
+        const BlockScan scan = scan_block<scalar_t>(src + start, len, nullptr);
+        if (!scan.finite) non_finite.store(true, std::memory_order_relaxed);
+        const float amax = amax_out[b] = scan.absmax;
         const float denom = std::max(amax, kMinAbsmax);
         for (int64_t i = 0; i < len; ++i) {
           // Divide (not multiply by the reciprocal) and break distance ties towards the lower
           // entry: bitsandbytes' CPU quantizer does both, and the bytes must match.
-          const float x = static_cast<float>(src[start + i]) / denom;
+          const float x = div_rn(static_cast<float>(src[start + i]), denom);
           int64_t lo = std::upper_bound(table, table + 256, x) - table - 1;
           lo = std::clamp<int64_t>(lo, 0, 255);
           if (lo < 255 && std::abs(x - table[lo + 1]) < std::abs(x - table[lo])) ++lo;
@@ -67,21 +52,14 @@ std::tuple<at::Tensor, at::Tensor> quantize_blockwise_cpu(const at::Tensor& A, c
       }
     });
   });
-  TORCH_CHECK_VALUE(!non_finite.load(), op, ": input contains NaN or Inf");
+  check_finite_input(!non_finite.load(), "lowbit.quantize_blockwise");
   return {out, absmax};
 }
 
 at::Tensor dequantize_blockwise_cpu(const at::Tensor& A, const at::Tensor& absmax, const at::Tensor& code,
                                     int64_t blocksize, at::ScalarType dtype) {
-  const char* op = "lowbit.dequantize_blockwise";
-  check_blocksize(blocksize, op);
-  check_dtype(A, at::kByte, op, "A");
-  check_dtype(absmax, at::kFloat, op, "absmax");
-  check_same_device(A, absmax, op, "absmax");
-  check_code(code, A, op);
-  check_out_dtype(dtype, op);
+  validate_dequantize_blockwise(A, absmax, code, blocksize, dtype);
   const int64_t n = A.numel();
-  check_numel(absmax, (n + blocksize - 1) / blocksize, op, "absmax");
   const at::Tensor q = A.contiguous();
   const at::Tensor scales = absmax.contiguous();
   const at::Tensor table_t = code.contiguous();
@@ -93,7 +71,7 @@ at::Tensor dequantize_blockwise_cpu(const at::Tensor& A, const at::Tensor& absma
     const float* table = table_t.const_data_ptr<float>();
     scalar_t* dst = out.data_ptr<scalar_t>();
     at::parallel_for(0, n, 16384, [&](int64_t i0, int64_t i1) {
-      for (int64_t i = i0; i < i1; ++i) dst[i] = static_cast<scalar_t>(table[src[i]] * amax[i / blocksize]);
+      for (int64_t i = i0; i < i1; ++i) dst[i] = static_cast<scalar_t>(mul_rn(table[src[i]], amax[i / blocksize]));
     });
   });
   return out;
