@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Compiles every CUDA source for Ampere (sm_80) and Hopper (sm_90), where no GPU is needed:
+#  * csrc/cuda/*.cu, the kernels lowbit ships;
+#  * tests/nvcc/shared_headers.cu, which includes every header csrc/cuda shares with the CPU kernels
+#    and calls each host/device format helper from a kernel. Its PTX must hold no fused multiply-add
+#    and only explicitly rounded float multiplies/adds (mul.rn / add.rn, which ptxas never fuses):
+#    the bit-parity rule of csrc/formats.h.
+# Run from the repository root with the Python that has torch (for its headers). NVCC overrides the compiler.
+set -euo pipefail
+NVCC=${NVCC:-/usr/local/cuda/bin/nvcc}
+torch_include=$(python -c "from torch.utils.cpp_extension import include_paths; print(' '.join('-I' + p for p in include_paths()))")
+flags=(-std=c++20 -O3 --expt-relaxed-constexpr -Icsrc $torch_include)
+archs=(-gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=sm_90)
+
+shopt -s nullglob
+for src in csrc/cuda/*.cu tests/nvcc/*.cu; do
+  echo "nvcc: $src (sm_80, sm_90)"
+  "$NVCC" "${flags[@]}" "${archs[@]}" -c "$src" -o /dev/null
+done
+
+probe=tests/nvcc/shared_headers.cu
+ptx=$(mktemp --suffix=.ptx)
+trap 'rm -f "$ptx"' EXIT
+"$NVCC" "${flags[@]}" -arch=compute_80 -ptx "$probe" -o "$ptx"
+unfused_ok=$(grep -cE '\b(mul|add|sub)\.rn\.f32' "$ptx" || true)
+if grep -qE '\bfma\.|\b(mul|add|sub)\.f32\b' "$ptx" || [ "$unfused_ok" -eq 0 ]; then
+  echo "nvcc: $probe: format arithmetic may be fused on the device (see csrc/formats.h):" >&2
+  grep -nE '\bfma\.|\b(mul|add|sub)(\.rn)?\.f32\b' "$ptx" >&2 || true
+  exit 1
+fi
+echo "nvcc: $probe: $unfused_ok explicitly rounded float ops, no fused multiply-add"
