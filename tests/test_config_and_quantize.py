@@ -9,6 +9,7 @@ import transformers
 
 import lowbit
 from lowbit import Linear4bit, Linear8bit, LowbitConfig, quantize_model
+from lowbit.schemes import SCHEMES
 
 BNB_FIELDS = [
     "load_in_8bit", "load_in_4bit", "llm_int8_threshold", "llm_int8_skip_modules", "llm_int8_enable_fp32_cpu_offload",
@@ -34,7 +35,7 @@ def test_seed_style_configs():
     assert c8.scheme_for("model.layers.0.mlp.down_proj") == "int8" and c8.llm_int8_threshold == 6.0
     c4 = lowbit.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float16)
     assert c4.scheme_for("model.layers.0.self_attn.q_proj") == "fp4"  # bitsandbytes' default quant type
-    assert c4.layer_options("fp4")["compute_dtype"] == torch.float16
+    assert SCHEMES["fp4"].layer_options(c4)["compute_dtype"] == torch.float16
 
 
 def test_lm_head_and_skip_modules():

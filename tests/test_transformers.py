@@ -115,8 +115,7 @@ def test_quantizes_each_linear_as_it_loads(tiny_llama_factory, logit_error_bound
     # What was quantized while loading is exactly what the layer API makes of the same weights.
     config = LowbitConfig(**SCHEMES[scheme])
     for name, layer in layers.items():
-        scheme_of_layer = config.scheme_for(name)
-        expected = type(layer).from_linear(fp.get_submodule(name), **config.layer_options(scheme_of_layer))
+        expected = lowbit.schemes.get(config.scheme_for(name)).from_linear(fp.get_submodule(name), config)
         assert_same_state(layer, expected)
 
     # Accuracy against full precision, within the bound derived from these layers' own errors (conftest).

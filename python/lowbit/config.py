@@ -9,10 +9,8 @@ from typing import Any, Optional
 import torch
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from .formats import check_blocksize, check_quant_type, dtype_name, parse_dtype
-
-SCHEMES = ("int8", "nf4", "fp4")
-FULL_PRECISION = "none"
+from .formats import check_blocksize, check_quant_type, check_threshold, dtype_name, parse_dtype
+from .schemes import FULL_PRECISION, SCHEMES
 # Modules kept in full precision when llm_int8_skip_modules is not given (as transformers does).
 DEFAULT_SKIP = ("lm_head",)
 _STORAGE_DTYPES = (torch.uint8, torch.int8, torch.float16, torch.bfloat16, torch.float32)
@@ -28,6 +26,8 @@ class LowbitConfig(QuantizationConfigMixin):
 
     Pick the default scheme with `load_in_8bit=True` (LLM.int8()) or `load_in_4bit=True`
     (`bnb_4bit_quant_type` "nf4" or "fp4"), or equivalently `bits=8` / `bits=4`.
+    Note: `bnb_4bit_quant_type` defaults to "fp4", as in transformers' BitsAndBytesConfig, while
+    `Linear4bit` and the ops default to "nf4" (usually the more accurate); pass it explicitly.
     `module_overrides` maps regular expressions (searched in a module's qualified name, first match
     wins) to "int8", "nf4", "fp4" or "none" (full precision), for mixed-precision models.
     `llm_int8_skip_modules` lists modules kept in full precision (default: lm_head)."""
@@ -71,9 +71,7 @@ class LowbitConfig(QuantizationConfigMixin):
         if llm_int8_has_fp16_weight:
             raise ValueError("llm_int8_has_fp16_weight=True (training with fp16 master weights) is not supported: "
                              "lowbit keeps weights quantized; train adapters (LoRA) on top instead")
-        threshold = float(llm_int8_threshold)
-        if not threshold >= 0 or threshold == float("inf"):
-            raise ValueError(f"llm_int8_threshold must be finite and >= 0 (0 disables outliers), got {llm_int8_threshold}")
+        threshold = check_threshold(llm_int8_threshold, "llm_int8_threshold")
         if llm_int8_skip_modules is not None and (
             isinstance(llm_int8_skip_modules, str) or not all(isinstance(m, str) for m in llm_int8_skip_modules)
         ):
@@ -84,8 +82,8 @@ class LowbitConfig(QuantizationConfigMixin):
         storage = torch.uint8 if bnb_4bit_quant_storage is None else _parse_storage(bnb_4bit_quant_storage)
         overrides = dict(module_overrides or {})
         for pattern, scheme in overrides.items():
-            if scheme not in SCHEMES + (FULL_PRECISION,):
-                raise ValueError(f"module_overrides[{pattern!r}] = {scheme!r}; expected one of {SCHEMES + (FULL_PRECISION,)}")
+            if scheme not in (*SCHEMES, FULL_PRECISION):
+                raise ValueError(f"module_overrides[{pattern!r}] = {scheme!r}; expected one of {[*SCHEMES, FULL_PRECISION]}")
             try:
                 re.compile(pattern)
             except re.error as e:
@@ -108,6 +106,13 @@ class LowbitConfig(QuantizationConfigMixin):
     def bits(self) -> Optional[int]:
         return 8 if self.load_in_8bit else 4 if self.load_in_4bit else None
 
+    @property
+    def default_scheme(self) -> Optional[str]:
+        """The scheme of every module that no override or skip list names ("int8", "nf4", "fp4"), or None."""
+        if self.load_in_8bit:
+            return "int8"
+        return self.bnb_4bit_quant_type if self.load_in_4bit else None
+
     def scheme_for(self, name: str) -> Optional[str]:
         """"int8", "nf4" or "fp4" for the module called `name`, or None to keep it in full precision."""
         for pattern, scheme in self.module_overrides.items():
@@ -116,23 +121,7 @@ class LowbitConfig(QuantizationConfigMixin):
         skip = DEFAULT_SKIP if self.llm_int8_skip_modules is None else self.llm_int8_skip_modules
         if any(_component_match(name, key) for key in skip):
             return None
-        if self.load_in_8bit:
-            return "int8"
-        if self.load_in_4bit:
-            return self.bnb_4bit_quant_type
-        return None
-
-    def layer_options(self, scheme: str) -> dict[str, Any]:
-        """Keyword arguments for the lowbit layer that implements `scheme`."""
-        if scheme == "int8":
-            return {"threshold": self.llm_int8_threshold}
-        return {
-            "quant_type": scheme,
-            "blocksize": self.blocksize,
-            "double_quant": self.bnb_4bit_use_double_quant,
-            "compute_dtype": self.bnb_4bit_compute_dtype,
-            "quant_storage": self.bnb_4bit_quant_storage,
-        }
+        return self.default_scheme
 
     def to_dict(self) -> dict[str, Any]:
         # No load_in_4bit/load_in_8bit keys: a truthy one would route a reload to bitsandbytes.

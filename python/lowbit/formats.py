@@ -1,5 +1,7 @@
 """The 4-bit and 8-bit formats: code tables, the quantization state of a 4-bit weight, and its
-(de)serialization under bitsandbytes' state_dict keys so checkpoints interoperate both ways."""
+(de)serialization under bitsandbytes' state_dict keys so checkpoints interoperate both ways.
+
+A leaf of the package: it imports torch and nothing of lowbit, so every other module may use it."""
 
 from __future__ import annotations
 
@@ -13,6 +15,13 @@ import torch
 QUANT_TYPES = ("nf4", "fp4")
 MIN_BLOCKSIZE, MAX_BLOCKSIZE = 32, 4096
 NESTED_BLOCKSIZE = 256
+
+# bitsandbytes' checkpoint names. A 4-bit weight's quant state is saved beside it as "<weight>.<name>";
+# an int8 layer saves its row scales and layout flag beside its "weight".
+ABSMAX, QUANT_MAP, NESTED_ABSMAX, NESTED_QUANT_MAP = "absmax", "quant_map", "nested_absmax", "nested_quant_map"
+QUANT_STATE_GROUP = "quant_state."
+QUANT_STATE = QUANT_STATE_GROUP + "bitsandbytes__"  # + quant_type: the JSON of shape, dtype, blocksize, ...
+INT8_SCALES, INT8_FORMAT = "SCB", "weight_format"
 
 # Same numbers as csrc/formats.h (the C++ kernels carry their own copy; tests check they agree).
 NF4 = (
@@ -67,6 +76,14 @@ def check_blocksize(blocksize: int) -> int:
     return blocksize
 
 
+def check_threshold(threshold: float, what: str = "threshold") -> float:
+    """LLM.int8()'s outlier threshold: finite and >= 0 (0 disables the outlier columns)."""
+    value = float(threshold)
+    if not value >= 0 or value == float("inf"):
+        raise ValueError(f"{what} must be finite and >= 0 (0 disables outliers), got {threshold}")
+    return value
+
+
 def check_quant_type(quant_type: str) -> str:
     if quant_type not in QUANT_TYPES:
         raise ValueError(f"quant_type must be one of {QUANT_TYPES}, got {quant_type!r}")
@@ -98,6 +115,29 @@ class NestedState:
     offset: float
     blocksize: int = NESTED_BLOCKSIZE
 
+    def decode(self, absmax_q: torch.Tensor) -> torch.Tensor:
+        """The float32 block scales from their uint8 codes (the one place this formula is written in
+        Python; csrc/formats.h `nested_scale` is its C++ twin). Multiply, then add, both rounded in
+        float32, as the kernels compute it."""
+        block = torch.arange(absmax_q.numel(), device=absmax_q.device) // self.blocksize
+        return self.code[absmax_q.reshape(-1).long()] * self.absmax[block] + self.offset
+
+    def op_args(self) -> tuple:
+        """The trailing (nested_absmax, nested_code, nested_offset, nested_blocksize) arguments of lowbit::linear_4bit."""
+        return self.absmax, self.code, self.offset, self.blocksize
+
+    @classmethod
+    def from_op_args(cls, absmax, code, offset, blocksize) -> Optional["NestedState"]:
+        return None if absmax is None else cls(absmax, code, offset, blocksize)
+
+
+# linear_4bit's nested arguments when the absmax is plain float32 (the schema's defaults).
+NO_NESTED_ARGS = (None, None, 0.0, NESTED_BLOCKSIZE)
+
+
+def nested_op_args(nested: Optional[NestedState]) -> tuple:
+    return NO_NESTED_ARGS if nested is None else nested.op_args()
+
 
 @dataclass
 class QuantState4bit:
@@ -120,12 +160,7 @@ class QuantState4bit:
 
     def float_absmax(self) -> torch.Tensor:
         """The per-block scales as float32, undoing double quantization if present."""
-        if self.nested is None:
-            return self.absmax
-        from . import ops
-
-        scales = ops.dequantize_blockwise(self.absmax, self.nested.absmax, self.nested.code, self.nested.blocksize)
-        return scales + self.nested.offset
+        return self.absmax if self.nested is None else self.nested.decode(self.absmax)
 
     # -- bitsandbytes-compatible serialization -------------------------------------------------
 
@@ -137,24 +172,24 @@ class QuantState4bit:
             "dtype": dtype_name(self.dtype),
             "shape": list(self.shape),
         }
-        out = {prefix + "absmax": self.absmax, prefix + "quant_map": self.code}
+        out = {prefix + ABSMAX: self.absmax, prefix + QUANT_MAP: self.code}
         if self.nested is not None:
-            out[prefix + "nested_absmax"] = self.nested.absmax
-            out[prefix + "nested_quant_map"] = self.nested.code
+            out[prefix + NESTED_ABSMAX] = self.nested.absmax
+            out[prefix + NESTED_QUANT_MAP] = self.nested.code
             meta.update(
                 nested_blocksize=self.nested.blocksize, nested_dtype="float32", nested_offset=float(self.nested.offset)
             )
         packed_meta = torch.tensor(list(json.dumps(meta).encode("utf-8")), dtype=torch.uint8)
-        out[prefix + "quant_state.bitsandbytes__" + self.quant_type] = packed_meta
+        out[prefix + QUANT_STATE + self.quant_type] = packed_meta
         return out
 
     @classmethod
     def from_state_dict(cls, tensors: Mapping[str, torch.Tensor], prefix: str = "weight.") -> "QuantState4bit":
         """Parse and validate the quant-state tensors of one weight (keys as to_state_dict writes them)."""
-        meta_keys = [k for k in tensors if k.startswith(prefix + "quant_state.")]
+        meta_keys = [k for k in tensors if k.startswith(prefix + QUANT_STATE_GROUP)]
         if len(meta_keys) != 1:
             raise ValueError(
-                f"expected exactly one '{prefix}quant_state.bitsandbytes__nf4|fp4' entry, found {meta_keys or 'none'}"
+                f"expected exactly one '{prefix}{QUANT_STATE}nf4|fp4' entry, found {meta_keys or 'none'}"
             )
         key = meta_keys[0]
         suffix = key.rsplit("__", 1)[-1]
@@ -170,10 +205,10 @@ class QuantState4bit:
             raise ValueError(f"quant_state key '{key}' says {suffix!r} but its contents say {quant_type!r}")
         blocksize = check_blocksize(int(meta["blocksize"]))
         shape = tuple(int(s) for s in meta["shape"])
-        for name in ("absmax", "quant_map"):
+        for name in (ABSMAX, QUANT_MAP):
             if prefix + name not in tensors:
                 raise ValueError(f"checkpoint lacks '{prefix}{name}' for a 4-bit weight")
-        absmax, code = tensors[prefix + "absmax"], tensors[prefix + "quant_map"]
+        absmax, code = tensors[prefix + ABSMAX], tensors[prefix + QUANT_MAP]
         if code.numel() != 16 or code.dtype != torch.float32:
             raise ValueError(f"'{prefix}quant_map' must be 16 float32 values, got {code.numel()} {code.dtype}")
         if code.device.type != "meta" and not torch.equal(code.cpu(), _code_4bit(quant_type)):
@@ -187,15 +222,15 @@ class QuantState4bit:
                 f"'{prefix}absmax' has {absmax.numel()} entries but a {list(shape)} weight with blocksize "
                 f"{blocksize} has {n_blocks} blocks (truncated or mismatched checkpoint?)"
             )
-        if "nested_absmax" in [k.removeprefix(prefix) for k in tensors] or "nested_offset" in meta:
-            for name in ("nested_absmax", "nested_quant_map"):
+        if prefix + NESTED_ABSMAX in tensors or "nested_offset" in meta:
+            for name in (NESTED_ABSMAX, NESTED_QUANT_MAP):
                 if prefix + name not in tensors:
                     raise ValueError(f"checkpoint lacks '{prefix}{name}' for a double-quantized weight")
             if "nested_offset" not in meta or "nested_blocksize" not in meta:
                 raise ValueError(f"quant_state in '{key}' lacks nested_offset/nested_blocksize")
             nested = NestedState(
-                tensors[prefix + "nested_absmax"],
-                tensors[prefix + "nested_quant_map"],
+                tensors[prefix + NESTED_ABSMAX],
+                tensors[prefix + NESTED_QUANT_MAP],
                 float(meta["nested_offset"]),
                 check_blocksize(int(meta["nested_blocksize"])),
             )

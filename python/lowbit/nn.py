@@ -1,8 +1,9 @@
 """Quantized drop-in replacements for nn.Linear: Linear8bit (LLM.int8()) and Linear4bit (NF4/FP4).
 
-Weights are buffers (integer tensors and float32 scales), never floating Parameters, so optimizers
-and adapters (peft) leave them alone; the bias stays a Parameter. state_dict keys and tensors are
-those bitsandbytes writes, so checkpoints load both ways."""
+Quantized weights and their float32 scales are buffers, never Parameters, so optimizers and adapters
+(peft) leave them alone; the bias stays a Parameter. The packed 4-bit bytes may be stored as a float
+dtype (quant_storage, for FSDP): a view of the same bytes, never a cast. state_dict keys and tensors
+are those bitsandbytes writes, so checkpoints load both ways."""
 
 from __future__ import annotations
 
@@ -13,12 +14,21 @@ import torch.nn as nn
 
 from . import ops
 from .formats import (
+    ABSMAX,
+    INT8_FORMAT,
+    INT8_SCALES,
+    NESTED_ABSMAX,
     NESTED_BLOCKSIZE,
+    NESTED_QUANT_MAP,
+    QUANT_MAP,
+    QUANT_STATE,
+    QUANT_TYPES,
     NestedState,
     QuantState4bit,
     check_blocksize,
     check_packed,
     check_quant_type,
+    check_threshold,
     code_4bit,
     dtype_name,
     dynamic_map,
@@ -27,9 +37,14 @@ from .formats import (
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-class _QuantizedLinear(nn.Module):
-    """What both layers share: shapes, bias, state_dict plumbing, and dtype-safe `.to()`."""
+class QuantizedLinear(nn.Module):
+    """What every lowbit layer shares: shapes, bias, state_dict plumbing, and dtype-safe `.to()`.
 
+    A layer class (one per scheme in lowbit.schemes) states its bit width and the checkpoint names it
+    reads and writes beside `weight` and `bias`, relative to the layer."""
+
+    bits: int
+    checkpoint_keys: tuple[str, ...] = ()
     # Buffers whose dtype is part of the format: `.to(dtype)`/`.half()` move them but never cast them.
     _format_buffers: tuple[str, ...] = ()
 
@@ -97,6 +112,12 @@ class _QuantizedLinear(nn.Module):
             unexpected_keys.append(prefix + "bias")
         unexpected_keys.extend(prefix + k for k in ours if k != "weight" and not self._owns_key(k))
 
+    @classmethod
+    def layout_problem(cls, keys: set[str]) -> Optional[str]:
+        """What is missing from checkpoint names `keys` (relative to the layer, `weight` present) for
+        this layer to load, or None."""
+        return None
+
     def _options_repr(self) -> str:
         return ""  # each layer adds its own format options
 
@@ -110,7 +131,7 @@ def module_nbytes(module: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
 
 
-class Linear4bit(_QuantizedLinear):
+class Linear4bit(QuantizedLinear):
     """A linear layer whose weight is stored in 4 bits (NF4 or FP4), blockwise absmax-scaled.
 
     quant_type: "nf4" (best for normally distributed weights) or "fp4"; blocksize: elements per
@@ -118,6 +139,10 @@ class Linear4bit(_QuantizedLinear):
     8 bits (saves ~0.37 bits per weight at blocksize 64); compute_dtype: dtype of the matmul
     input/output (default: the input's); quant_storage: dtype the packed bytes are viewed as."""
 
+    bits = 4
+    _quant_state_keys = tuple(f"weight.{QUANT_STATE}{t}" for t in QUANT_TYPES)
+    _nested_keys = (f"weight.{NESTED_ABSMAX}", f"weight.{NESTED_QUANT_MAP}")
+    checkpoint_keys = (f"weight.{ABSMAX}", f"weight.{QUANT_MAP}", *_nested_keys, *_quant_state_keys)
     _format_buffers = ("weight", "absmax", "quant_map", "nested_absmax", "nested_quant_map")
 
     def __init__(
@@ -230,6 +255,18 @@ class Linear4bit(_QuantizedLinear):
     def _owns_key(key: str) -> bool:
         return key.startswith("weight.")  # the quant state travels under weight.*
 
+    @classmethod
+    def layout_problem(cls, keys: set[str]) -> Optional[str]:
+        missing = [k for k in cls.checkpoint_keys[:2] if k not in keys]
+        if len(keys & set(cls._quant_state_keys)) != 1:
+            missing.append("exactly one of " + " / ".join(cls._quant_state_keys))
+        if len(keys & set(cls._nested_keys)) == 1:
+            absent = next(k for k in cls._nested_keys if k not in keys)
+            missing.append(f"{absent} (double quantization needs both nested tensors)")
+        if missing:
+            return f"the checkpoint's 4-bit quant state is incomplete: missing {', '.join(missing)}"
+        return None
+
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         # The scales are ordinary (persistent) buffers so every loader materializes and moves them,
         # but they are saved under bitsandbytes' names. A layer still on meta (a model being built)
@@ -248,20 +285,20 @@ class Linear4bit(_QuantizedLinear):
         return f"quant_type={self.quant_type}, blocksize={self.blocksize}{dq}{cd}"
 
 
-class Linear8bit(_QuantizedLinear):
+class Linear8bit(QuantizedLinear):
     """A linear layer with an int8 weight (LLM.int8()): CB = round(W * 127 / SCB) per row.
 
     threshold: input columns holding any |x| >= threshold are computed in floating point against the
     dequantized weight columns (the outlier decomposition); 0 quantizes everything to int8."""
 
+    bits = 8
+    checkpoint_keys = (INT8_SCALES, INT8_FORMAT)
     _format_buffers = ("SCB",)
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, threshold: float = 6.0,
                  device=None, dtype=None):  # fmt: skip
         super().__init__(in_features, out_features, bias, device, dtype)
-        if not threshold >= 0 or threshold == float("inf"):
-            raise ValueError(f"threshold must be finite and >= 0 (0 disables outliers), got {threshold}")
-        self.threshold = float(threshold)
+        self.threshold = check_threshold(threshold)
         self.register_buffer("weight", torch.empty((out_features, in_features), dtype=torch.int8, device=device))
         self.register_buffer("SCB", torch.empty(out_features, dtype=torch.float32, device=device))
 
@@ -285,11 +322,11 @@ class Linear8bit(_QuantizedLinear):
     @torch.no_grad()
     def load_quantized_(self, tensors: Mapping[str, torch.Tensor]) -> None:
         """Load "weight" (int8 CB), "SCB" (float32) and optionally "weight_format" (0 = row-major)."""
-        for key in ("weight", "SCB"):
+        for key in ("weight", INT8_SCALES):
             if key not in tensors:
                 raise ValueError(f"checkpoint lacks '{key}' for an 8-bit layer")
-        cb, scb = tensors["weight"], tensors["SCB"]
-        fmt = tensors.get("weight_format")
+        cb, scb = tensors["weight"], tensors[INT8_SCALES]
+        fmt = tensors.get(INT8_FORMAT)
         if fmt is not None and int(fmt.item() if isinstance(fmt, torch.Tensor) else fmt) != 0:
             raise ValueError(f"weight_format {int(fmt)} is not supported (only 0, row-major int8, is)")
         if cb.dtype != torch.int8 or cb.shape != (self.out_features, self.in_features):
@@ -304,12 +341,18 @@ class Linear8bit(_QuantizedLinear):
 
     @staticmethod
     def _owns_key(key: str) -> bool:
-        return key in ("SCB", "weight_format")
+        return key in Linear8bit.checkpoint_keys
+
+    @classmethod
+    def layout_problem(cls, keys: set[str]) -> Optional[str]:
+        if INT8_SCALES not in keys:
+            return f"the checkpoint holds no `{INT8_SCALES}` (int8 row scales) for this int8 layer"
+        return None
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)  # weight, SCB and bias
         if self.weight.device.type != "meta":  # not an attribute: see Linear4bit._save_to_state_dict
-            destination[prefix + "weight_format"] = torch.tensor(0, dtype=torch.uint8)
+            destination[prefix + INT8_FORMAT] = torch.tensor(0, dtype=torch.uint8)
 
     def _options_repr(self) -> str:
         return f"threshold={self.threshold}"

@@ -2,9 +2,9 @@
 meta tensors, and autograd for the linear ops (gradients flow to the input and bias; quantized
 weights are frozen, as in QLoRA).
 
-Schemas live in csrc/ops.cpp; the native kernels validate their arguments and raise ValueError /
-TypeError naming the problem, so these wrappers only supply defaults and convenient types. On
-devices without native kernels (CUDA, for now) the reference runs, with lighter checks."""
+Schemas live in csrc/ops.cpp; the native kernels validate their arguments (csrc/validate.cpp) and raise
+ValueError / TypeError naming the problem, so these wrappers only supply defaults and convenient types.
+On devices without native kernels the reference runs instead (lowbit.fallback), with lighter checks."""
 
 from __future__ import annotations
 
@@ -13,8 +13,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from . import reference
-from .formats import NESTED_BLOCKSIZE, NestedState, dynamic_map
+from .formats import NESTED_BLOCKSIZE, NestedState, dynamic_map, nested_op_args
 
 _ops = torch.ops.lowbit
 
@@ -67,12 +66,8 @@ def linear_4bit(
     nested: Optional[NestedState] = None,
 ) -> torch.Tensor:
     """x @ dequantize(W).T + bias, with W [out_features, x.shape[-1]] packed by quantize_4bit."""
-    if nested is None:
-        return _ops.linear_4bit(x, _as_bytes(packed), absmax, blocksize, quant_type, out_features, bias)
-    return _ops.linear_4bit(
-        x, _as_bytes(packed), absmax, blocksize, quant_type, out_features, bias,
-        nested.absmax, nested.code, nested.offset, nested.blocksize,
-    )  # fmt: skip
+    return _ops.linear_4bit(x, _as_bytes(packed), absmax, blocksize, quant_type, out_features, bias,
+                            *nested_op_args(nested))  # fmt: skip
 
 
 def int8_vectorwise_quant(
@@ -131,8 +126,8 @@ def _check_devices(op: str, x: torch.Tensor, **tensors: Optional[torch.Tensor]) 
 
 
 @torch.library.register_fake("lowbit::linear_4bit")
-def _(x, packed, absmax, blocksize, quant_type, out_features, bias=None, nested_absmax=None, nested_code=None,
-      nested_offset=0.0, nested_blocksize=256):  # fmt: skip
+def _(x, packed, absmax, blocksize, quant_type, out_features, bias=None, *nested_args):
+    nested_absmax, nested_code = nested_args[:2] if nested_args else (None, None)
     _check_devices("linear_4bit", x, **{"packed weight": packed, "absmax": absmax, "bias": bias,
                                         "nested_absmax": nested_absmax, "nested_code": nested_code})  # fmt: skip
     return x.new_empty((*x.shape[:-1], out_features))
@@ -174,19 +169,17 @@ def _grad_input_and_bias(ctx, grad, weight: torch.Tensor):
 
 
 def _setup_linear_4bit(ctx, inputs, output):
-    x, packed, absmax, blocksize, quant_type, out_features, bias, nested_absmax, nested_code, offset, nbs = inputs
-    ctx.save_for_backward(packed, absmax, nested_absmax, nested_code)
-    ctx.meta = (blocksize, quant_type, out_features, x.shape[-1], offset, nbs)
+    x, packed, absmax, blocksize, quant_type, out_features, bias, *nested_args = inputs
+    nested = NestedState.from_op_args(*nested_args)
+    ctx.save_for_backward(packed, absmax if nested is None else nested.decode(absmax))
+    ctx.meta = (blocksize, quant_type, (out_features, x.shape[-1]))
     ctx.bias_needs_grad = bias is not None and bias.requires_grad
 
 
 def _backward_linear_4bit(ctx, grad):
-    packed, absmax, nested_absmax, nested_code = ctx.saved_tensors
-    blocksize, quant_type, out_features, in_features, offset, nbs = ctx.meta
-    if nested_absmax is not None:
-        absmax = dequantize_blockwise(absmax, nested_absmax, nested_code, nbs) + offset
-    weight = dequantize_4bit(packed, absmax, blocksize, quant_type, (out_features, in_features))
-    grad_x, grad_bias = _grad_input_and_bias(ctx, grad, weight)
+    packed, scales = ctx.saved_tensors
+    blocksize, quant_type, shape = ctx.meta
+    grad_x, grad_bias = _grad_input_and_bias(ctx, grad, dequantize_4bit(packed, scales, blocksize, quant_type, shape))
     return grad_x, None, None, None, None, None, grad_bias, None, None, None, None
 
 
@@ -206,36 +199,3 @@ def _backward_int8_linear(ctx, grad):
 
 
 torch.library.register_autograd("lowbit::int8_linear", _backward_int8_linear, setup_context=_setup_int8_linear)
-
-
-# -- devices without native kernels ----------------------------------------------------------------
-# Until a device has kernels of its own (csrc/<device>/), its tensors run the plain-PyTorch
-# reference: a model moved there works, more slowly, instead of failing with "no kernel".
-
-
-def _linear_4bit_reference(x, packed, absmax, blocksize, quant_type, out_features, bias=None, nested_absmax=None,
-                           nested_code=None, nested_offset=0.0, nested_blocksize=256):  # fmt: skip
-    nested = None if nested_absmax is None else NestedState(nested_absmax, nested_code, nested_offset, nested_blocksize)
-    return reference.linear_4bit(x, packed, absmax, blocksize, quant_type, out_features, bias, nested)
-
-
-_REFERENCE_KERNELS = {
-    "quantize_4bit": reference.quantize_4bit,
-    "dequantize_4bit": reference.dequantize_4bit,
-    "quantize_blockwise": reference.quantize_blockwise,
-    "dequantize_blockwise": reference.dequantize_blockwise,
-    "linear_4bit": _linear_4bit_reference,
-    "int8_vectorwise_quant": reference.int8_vectorwise_quant,
-    "int8_mm": reference.int8_mm,
-    "int8_linear": reference.int8_linear,
-}
-
-
-# Device types with a native kernel for each op, taken before the reference fills the gaps.
-NATIVE_DEVICES = {
-    name: [d for d in ("cpu", "cuda") if torch._C._dispatch_has_kernel_for_dispatch_key(f"lowbit::{name}", d.upper())]
-    for name in _REFERENCE_KERNELS
-}
-for _name, _fn in _REFERENCE_KERNELS.items():
-    if "cuda" not in NATIVE_DEVICES[_name]:
-        torch.library.register_kernel(f"lowbit::{_name}", "cuda", _fn)

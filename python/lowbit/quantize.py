@@ -8,11 +8,7 @@ import torch
 import torch.nn as nn
 
 from .config import LowbitConfig
-from .nn import Linear4bit, Linear8bit
-
-
-def _layer_class(scheme: str):
-    return Linear8bit if scheme == "int8" else Linear4bit
+from .schemes import SCHEMES, Scheme
 
 
 def _tied_linears(model: nn.Module) -> set[str]:
@@ -25,20 +21,15 @@ def _tied_linears(model: nn.Module) -> set[str]:
     return {n for names in owners.values() if len(names) > 1 for n in names}
 
 
-def _targets(model: nn.Module, config: LowbitConfig, skip: Iterable[str]) -> list[tuple[str, nn.Linear, str]]:
+def _targets(model: nn.Module, config: LowbitConfig, skip: Iterable[str]) -> list[tuple[str, nn.Linear, Scheme]]:
     skip = set(skip) | _tied_linears(model)
     found = []
     for name, module in model.named_modules():
         if type(module) is nn.Linear and name not in skip:  # subclasses may carry behaviour we would drop
             scheme = config.scheme_for(name)
             if scheme is not None:
-                found.append((name, module, scheme))
+                found.append((name, module, SCHEMES[scheme]))
     return found
-
-
-def _set(model: nn.Module, name: str, layer: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
 
 
 def replace_linears(model: nn.Module, config: LowbitConfig, skip: Iterable[str] = ()) -> list[str]:
@@ -48,11 +39,11 @@ def replace_linears(model: nn.Module, config: LowbitConfig, skip: Iterable[str] 
     names = []
     for name, linear, scheme in _targets(model, config, skip):
         w = linear.weight
-        layer = _layer_class(scheme)(linear.in_features, linear.out_features, linear.bias is not None,
-                                     device=w.device, dtype=w.dtype, **config.layer_options(scheme))  # fmt: skip
+        layer = scheme.empty_layer(linear.in_features, linear.out_features, linear.bias is not None, config,
+                                   device=w.device, dtype=w.dtype)  # fmt: skip
         if linear.bias is not None:
             layer.bias = linear.bias
-        _set(model, name, layer)
+        model.set_submodule(name, layer)
         names.append(name)
     return names
 
@@ -63,5 +54,5 @@ def quantize_model(model: nn.Module, config: LowbitConfig, skip: Iterable[str] =
     its quantized weight. Tied weights, `lm_head` (unless configured otherwise) and names in `skip`
     stay in full precision. Returns `model`."""
     for name, linear, scheme in _targets(model, config, skip):
-        _set(model, name, _layer_class(scheme).from_linear(linear, **config.layer_options(scheme)))
+        model.set_submodule(name, scheme.from_linear(linear, config))
     return model

@@ -109,7 +109,7 @@ def linear_4bit(
     nested: Optional[NestedState] = None,
 ) -> torch.Tensor:
     if nested is not None:
-        absmax = dequantize_blockwise(absmax, nested.absmax, nested.code, nested.blocksize) + nested.offset
+        absmax = nested.decode(absmax)
     weight = dequantize_4bit(packed, absmax, blocksize, quant_type, (out_features, x.shape[-1]), x.dtype)
     return F.linear(x, weight, None if bias is None else bias.to(x.dtype))
 

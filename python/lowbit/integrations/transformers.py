@@ -29,19 +29,14 @@ from transformers.quantizers import auto as _auto
 from transformers.quantizers.quantizers_utils import should_convert_module
 
 from ..config import LowbitConfig
-from ..nn import Linear4bit, Linear8bit
 from ..quantize import replace_linears
+from ..schemes import LAYERS
 
 QUANT_METHOD = "lowbit"
 
-_LOWBIT_LAYERS = (Linear4bit, Linear8bit)
-
-# The checkpoint names of one quantized layer's weight, relative to the layer (bitsandbytes' layout).
-_QUANT_STATE_KEYS = ("weight.quant_state.bitsandbytes__nf4", "weight.quant_state.bitsandbytes__fp4")
-_NESTED_KEYS = ("weight.nested_absmax", "weight.nested_quant_map")
-_FOUR_BIT_KEYS = ("weight.absmax", "weight.quant_map", *_NESTED_KEYS, *_QUANT_STATE_KEYS)
-_EIGHT_BIT_KEYS = ("SCB", "weight_format")
-_SERIALIZED_KEYS = ("weight", *_FOUR_BIT_KEYS, *_EIGHT_BIT_KEYS)
+# Every name a quantized layer's tensors are saved under, relative to the layer (bitsandbytes' layout).
+_QUANT_KEYS = tuple(dict.fromkeys(k for layer in LAYERS for k in layer.checkpoint_keys))
+_SERIALIZED_KEYS = ("weight", *_QUANT_KEYS)
 
 
 def register() -> None:
@@ -97,14 +92,14 @@ class LowbitHfQuantizer(HfQuantizer):
 
     def _process_model_after_weight_loading(self, model, **kwargs):
         # Flags scripts written for bitsandbytes look at (e.g. before preparing a model for k-bit training).
-        layers = [m for m in model.modules() if isinstance(m, _LOWBIT_LAYERS)]
-        model.is_loaded_in_8bit = any(isinstance(m, Linear8bit) for m in layers)
-        model.is_loaded_in_4bit = any(isinstance(m, Linear4bit) for m in layers)
+        bits = {m.bits for m in model.modules() if isinstance(m, LAYERS)}
+        model.is_loaded_in_8bit = 8 in bits
+        model.is_loaded_in_4bit = 4 in bits
         return model
 
     def param_needs_quantization(self, model, param_name: str, **kwargs) -> bool:
         module_name, _, tensor_name = param_name.rpartition(".")
-        return tensor_name == "weight" and isinstance(model.get_submodule(module_name), _LOWBIT_LAYERS)
+        return tensor_name == "weight" and isinstance(model.get_submodule(module_name), LAYERS)
 
     def get_quantize_ops(self):
         return _QuantizeOnLoad(self)
@@ -122,7 +117,7 @@ class LowbitHfQuantizer(HfQuantizer):
 
     def _dequantize(self, model, dtype=None):
         for name, module in list(model.named_modules()):
-            if isinstance(module, _LOWBIT_LAYERS):
+            if isinstance(module, LAYERS):
                 weight = module.dequantize()
                 linear = nn.Linear(
                     module.in_features,
@@ -192,7 +187,7 @@ class _LoadQuantized(ConversionOps):
         problem = _layout_problem(module, tensors)
         if problem:
             raise ValueError(f"{module_name}: {problem}")
-        if not isinstance(module, _LOWBIT_LAYERS):
+        if not isinstance(module, LAYERS):
             # transformers skips its usual cast for tensors routed to a loading op: cast like it would,
             # to the dtype the model was built with.
             weight = tensors["weight"]
@@ -226,35 +221,23 @@ def _mark_loaded(module: nn.Module, module_name: str, missing_keys: MutableSet[s
 def _layout_problem(module: nn.Module, keys: Iterable[str]) -> str | None:
     """What is wrong with the checkpoint tensors `keys` (relative to the layer) for `module`, or None."""
     keys = set(keys)
-    four_bit, eight_bit = keys & set(_FOUR_BIT_KEYS), keys & set(_EIGHT_BIT_KEYS)
-    if not isinstance(module, _LOWBIT_LAYERS):
-        if four_bit or eight_bit:
+    quantized = keys & set(_QUANT_KEYS)
+    if not isinstance(module, LAYERS):
+        if quantized:
             return (
-                f"the checkpoint holds quantized tensors {sorted(four_bit | eight_bit)} but the quantization "
+                f"the checkpoint holds quantized tensors {sorted(quantized)} but the quantization "
                 "config keeps this module in full precision (lm_head, tied weights, llm_int8_skip_modules "
                 "or module_overrides differ from the ones the checkpoint was saved with)"
             )
         return None
     if "weight" not in keys:
         return f"the checkpoint has no packed `weight` for this quantized layer (found {sorted(keys)})"
-    if isinstance(module, Linear8bit):
-        if four_bit:
-            return f"the config quantizes this layer to int8 but the checkpoint holds 4-bit tensors {sorted(four_bit)}"
-        if "SCB" not in keys:
-            return "the checkpoint holds no `SCB` (int8 row scales) for this int8 layer"
-        return None
-    if eight_bit:
-        return f"the config quantizes this layer to 4-bit but the checkpoint holds int8 tensors {sorted(eight_bit)}"
-    missing = [k for k in ("weight.absmax", "weight.quant_map") if k not in keys]
-    quant_states = keys & set(_QUANT_STATE_KEYS)
-    if len(quant_states) != 1:
-        missing.append("exactly one of " + " / ".join(_QUANT_STATE_KEYS))
-    if len(keys & set(_NESTED_KEYS)) == 1:
-        absent = next(k for k in _NESTED_KEYS if k not in keys)
-        missing.append(f"{absent} (double quantization needs both nested tensors)")
-    if missing:
-        return f"the checkpoint's 4-bit quant state is incomplete: missing {', '.join(missing)}"
-    return None
+    foreign = quantized - set(module.checkpoint_keys)
+    if foreign:
+        theirs = next(layer for layer in LAYERS if foreign & set(layer.checkpoint_keys))
+        return (f"the config quantizes this layer to {module.bits}-bit but the checkpoint holds "
+                f"{theirs.bits}-bit tensors {sorted(foreign)}")  # fmt: skip
+    return module.layout_problem(keys)
 
 
 def _check_checkpoint_layout(model, checkpoint_files: list[str] | None) -> None:

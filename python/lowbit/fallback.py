@@ -1,0 +1,50 @@
+"""The plain-PyTorch reference as every op's kernel on devices that have no native one.
+
+Each reference is registered once, under the dispatcher's CompositeExplicitAutograd key (what
+`torch.library.register_kernel(op, None, fn)` does). The dispatcher prefers a kernel registered for a
+device's own key, so a native kernel (csrc/cpu, csrc/cuda) always wins where it exists, and any other
+device (CUDA before its kernels are built, XPU, MPS, ...) runs the reference: a model moved there works,
+more slowly, instead of failing with "no kernel". Autograd (ops.py) applies to both.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import reference
+from .formats import NestedState
+
+# Device types lowbit may have native kernels for (csrc/<device>/): what native_devices() asks about.
+KERNEL_DEVICES = ("cpu", "cuda")
+
+
+def _linear_4bit(x, packed, absmax, blocksize, quant_type, out_features, bias=None, *nested_args):
+    # The op takes the nested state as four trailing arguments; the reference as one NestedState.
+    return reference.linear_4bit(x, packed, absmax, blocksize, quant_type, out_features, bias,
+                                 NestedState.from_op_args(*nested_args))  # fmt: skip
+
+
+REFERENCE_KERNELS = {
+    "quantize_4bit": reference.quantize_4bit,
+    "dequantize_4bit": reference.dequantize_4bit,
+    "quantize_blockwise": reference.quantize_blockwise,
+    "dequantize_blockwise": reference.dequantize_blockwise,
+    "linear_4bit": _linear_4bit,
+    "int8_vectorwise_quant": reference.int8_vectorwise_quant,
+    "int8_mm": reference.int8_mm,
+    "int8_linear": reference.int8_linear,
+}
+
+
+def native_devices(op: str) -> list[str]:
+    """The device types among KERNEL_DEVICES with a native kernel for `lowbit::<op>`.
+
+    Asks the dispatcher for a kernel registered under the device's own key; the reference, registered
+    under an alias key, does not count. torch has no public query for this (torch.library.get_kernel
+    returns the computed kernel, which the reference fills), hence the private call."""
+    return [d for d in KERNEL_DEVICES if torch._C._dispatch_has_kernel_for_dispatch_key(f"lowbit::{op}", d.upper())]
+
+
+# At import, so once per process (`lowbit/__init__.py` imports this module after the native library).
+for _name, _kernel in REFERENCE_KERNELS.items():
+    torch.library.register_kernel(f"lowbit::{_name}", None, _kernel)
