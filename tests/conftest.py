@@ -6,6 +6,24 @@ with seeded random weights and saved to a temporary directory.
 
 import pytest
 import torch
+from helpers import DEVICES
+
+
+@pytest.fixture(params=DEVICES)
+def device(request):
+    """Each device tests run on: the CPU, and CUDA where a GPU is present (skipped, with the reason, elsewhere)."""
+    return request.param
+
+
+@pytest.fixture(params=[DEVICES[0], pytest.param("cpu-portable", id="cpu-portable"), DEVICES[1]])
+def kernel_device(request, monkeypatch):
+    """Like `device`, plus the CPU once more with its portable kernels forced (LOWBIT_CPU_ISA=portable),
+    so the AVX-512 and the portable paths are both held to the reference."""
+    if request.param == "cpu-portable":
+        monkeypatch.setenv("LOWBIT_CPU_ISA", "portable")
+        return "cpu"
+    return request.param
+
 
 # Two shapes: "aligned" has every weight's numel (and in_features) a multiple of the 4-bit
 # blocksize; "odd" has none, so the last quantization block of each weight is partial.

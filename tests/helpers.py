@@ -1,10 +1,28 @@
-"""Shared sizes and tolerance helpers for the op and layer tests."""
+"""Shared device list, sizes and tolerance helpers for the op and layer tests."""
 
+import pytest
 import torch
+
+from lowbit import ops, reference
+from lowbit.formats import dynamic_map
+
+# Every test that runs kernels takes its device from here (through the `device` and `kernel_device`
+# fixtures in conftest.py): on a GPU machine the same tests check the CUDA kernels with no edits.
+DEVICES = [
+    pytest.param("cpu", id="cpu"),
+    pytest.param("cuda", id="cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(
+        not torch.cuda.is_available(), reason="no CUDA device here; these cases run on a GPU machine")]),
+]  # fmt: skip
 
 # Awkward sizes on purpose: 1 (decode), 17 (odd, not a multiple of anything), 1025 (one past a
 # power of two, so blocks straddle rows and the last block is partial).
 SIZES = [1, 17, 1025]
+# Rows of x for the linear ops: 1 (decode), odd counts around the fused kernels' row tiles, and
+# more rows than the fused CPU kernel takes (its GEMM path).
+ROWS = [1, 3, 5, 17, 65]
+# (in_features K, blocksize) of 4-bit weights: K a multiple of the blocksize, K equal to it, odd K
+# whose blocks straddle rows (1025, 65), and K shorter than one block (17).
+K_BLOCKSIZES = [(1024, 64), (256, 256), (1025, 64), (65, 32), (17, 32)]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 QUANT_TYPES = ["nf4", "fp4"]
 
@@ -20,3 +38,29 @@ def assert_close_to_exact(out: torch.Tensor, ref: torch.Tensor, exact: torch.Ten
     ref_err = (ref.double() - exact).abs().max().item()
     ulp = torch.finfo(out.dtype).eps * exact.abs().max().item()
     assert err <= 2 * ref_err + ulp, f"{what}: error {err:.3g} vs reference error {ref_err:.3g} (+ulp {ulp:.3g})"
+
+
+def op_cases(device="cpu"):
+    """One call of every op (two of linear_4bit: plain and double-quantized scales): (op, args) on `device`."""
+    W = torch.randn(24, 128, device=device)
+    packed, absmax = ops.quantize_4bit(W, 64, "nf4")
+    absmax_q, nested_absmax = ops.quantize_blockwise(absmax - absmax.mean())
+    CB, SCB, _ = reference.int8_vectorwise_quant(W, 0.0)
+    x = torch.randn(3, 128, device=device)
+    code = dynamic_map(device)
+
+    def randn(*shape, **kwargs):
+        return torch.randn(*shape, device=device, **kwargs)
+
+    return [
+        (torch.ops.lowbit.quantize_4bit, (randn(1025), 64, "fp4")),
+        (torch.ops.lowbit.dequantize_4bit, (packed, absmax, 64, "nf4", [24, 128], torch.bfloat16)),
+        (torch.ops.lowbit.quantize_blockwise, (randn(700), code, 256)),
+        (torch.ops.lowbit.dequantize_blockwise, (absmax_q, nested_absmax, code, 256, torch.float32)),
+        (torch.ops.lowbit.linear_4bit, (x, packed, absmax, 64, "nf4", 24, randn(24))),
+        (torch.ops.lowbit.linear_4bit,
+         (x.requires_grad_(), packed, absmax_q, 64, "nf4", 24, None, nested_absmax, code, 0.5, 256)),
+        (torch.ops.lowbit.int8_vectorwise_quant, (randn(5, 64), 0.0)),
+        (torch.ops.lowbit.int8_mm, (CB[:5].contiguous(), CB)),
+        (torch.ops.lowbit.int8_linear, (randn(2, 128, requires_grad=True), CB, SCB, 0.0, randn(24))),
+    ]  # fmt: skip

@@ -1,4 +1,5 @@
-"""Linear4bit / Linear8bit: outputs, state_dict round trips, device/dtype moves, torch.compile, bad checkpoints."""
+"""Linear4bit / Linear8bit: outputs, state_dict round trips, device/dtype moves, torch.compile, bad checkpoints.
+Tests that run kernels take `device` (conftest.py): on a GPU machine they run on CUDA too."""
 
 import json
 
@@ -24,21 +25,22 @@ def _four_bit(linear, **options):
 @pytest.mark.parametrize("double_quant", [False, True])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("k,n", [(64, 17), (1025, 33)])
-def test_linear4bit_matches_dequantized_reference(quant_type, double_quant, dtype, k, n):
-    lin = _linear(k, n, dtype)
-    layer = _four_bit(lin, quant_type=quant_type, double_quant=double_quant)
-    x = torch.randn(3, 5, k).to(dtype)
-    out = layer(x)
-    W = layer.dequantize()
-    assert W.dtype == dtype and W.shape == (n, k)
-    ref = F.linear(x, W, lin.bias)
-    exact = x.double() @ layer.dequantize().double().t() + lin.bias.double()
-    # dequantize() rounds W to `dtype`; the layer uses the float32 scales: compare to both.
-    exact_fp32_w = x.double() @ _dequant_fp32(layer).t() + lin.bias.double()
-    assert out.shape == (3, 5, n) and out.dtype == dtype
-    err = min((out.double() - exact).abs().max(), (out.double() - exact_fp32_w).abs().max())
-    ref_err = (ref.double() - exact).abs().max()
-    assert err <= 2 * ref_err + torch.finfo(dtype).eps * exact.abs().max()
+def test_linear4bit_matches_dequantized_reference(device, quant_type, double_quant, dtype, k, n):
+    with torch.device(device):
+        lin = _linear(k, n, dtype)
+        layer = _four_bit(lin, quant_type=quant_type, double_quant=double_quant)
+        x = torch.randn(3, 5, k).to(dtype)
+        out = layer(x)
+        W = layer.dequantize()
+        assert W.dtype == dtype and W.shape == (n, k)
+        ref = F.linear(x, W, lin.bias)
+        exact = x.double() @ layer.dequantize().double().t() + lin.bias.double()
+        # dequantize() rounds W to `dtype`; the layer uses the float32 scales: compare to both.
+        exact_fp32_w = x.double() @ _dequant_fp32(layer).t() + lin.bias.double()
+        assert out.shape == (3, 5, n) and out.dtype == dtype
+        err = min((out.double() - exact).abs().max(), (out.double() - exact_fp32_w).abs().max())
+        ref_err = (ref.double() - exact).abs().max()
+        assert err <= 2 * ref_err + torch.finfo(dtype).eps * exact.abs().max()
 
 
 def _dequant_fp32(layer):
@@ -47,40 +49,43 @@ def _dequant_fp32(layer):
                                      state.shape, torch.float64)  # fmt: skip
 
 
-def test_quantization_error_is_bounded_by_half_a_code_step():
-    lin = _linear(256, 64)
-    for quant_type in QUANT_TYPES:
-        layer = _four_bit(lin, quant_type=quant_type)
-        code = torch.sort(reference.code_4bit(quant_type)).values
-        widest = code.diff().max()
-        scales = layer.absmax.repeat_interleave(64).view(64, 256)
-        assert ((layer.dequantize() - lin.weight).abs() <= widest / 2 * scales + 1e-7).all()
+def test_quantization_error_is_bounded_by_half_a_code_step(device):
+    with torch.device(device):
+        lin = _linear(256, 64)
+        for quant_type in QUANT_TYPES:
+            layer = _four_bit(lin, quant_type=quant_type)
+            code = torch.sort(reference.code_4bit(quant_type)).values
+            widest = code.diff().max()
+            scales = layer.absmax.repeat_interleave(64).view(64, 256)
+            assert ((layer.dequantize() - lin.weight).abs() <= widest / 2 * scales + 1e-7).all()
 
 
 @pytest.mark.parametrize("threshold", [0.0, 6.0])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_linear8bit_matches_reference(threshold, dtype):
-    lin = _linear(1025, 17, dtype)
-    layer = Linear8bit.from_linear(lin, threshold=threshold)
-    assert layer.weight.dtype == torch.int8 and layer.SCB.dtype == torch.float32
-    x = torch.randn(4, 1025).to(dtype)
-    x[:, 7] = 12.0  # an outlier column
-    out = layer(x)
-    ref = reference.int8_linear(x, layer.weight, layer.SCB, threshold, lin.bias)
-    q, stats, cols = reference.int8_vectorwise_quant(x, threshold)
-    w = layer.weight.double() * layer.SCB.double().unsqueeze(1) / 127
-    exact = (q.double() @ w.t()) * stats.double().unsqueeze(1) / 127 + x[:, cols].double() @ w[:, cols].t()
-    assert_close_to_exact(out, ref, exact + lin.bias.double(), "Linear8bit")
+def test_linear8bit_matches_reference(device, threshold, dtype):
+    with torch.device(device):
+        lin = _linear(1025, 17, dtype)
+        layer = Linear8bit.from_linear(lin, threshold=threshold)
+        assert layer.weight.dtype == torch.int8 and layer.SCB.dtype == torch.float32
+        x = torch.randn(4, 1025).to(dtype)
+        x[:, 7] = 12.0  # an outlier column
+        out = layer(x)
+        ref = reference.int8_linear(x, layer.weight, layer.SCB, threshold, lin.bias)
+        q, stats, cols = reference.int8_vectorwise_quant(x, threshold)
+        w = layer.weight.double() * layer.SCB.double().unsqueeze(1) / 127
+        exact = (q.double() @ w.t()) * stats.double().unsqueeze(1) / 127 + x[:, cols].double() @ w[:, cols].t()
+        assert_close_to_exact(out, ref, exact + lin.bias.double(), "Linear8bit")
 
 
-def test_int8_outlier_decomposition_helps():
-    # With a large-magnitude column, keeping it in float beats squeezing it into int8.
-    lin = _linear(512, 64)
-    x = torch.randn(8, 512)
-    x[:, 11] = 40.0
-    truth = lin(x)
-    errs = {t: (Linear8bit.from_linear(lin, threshold=t)(x) - truth).norm() for t in (0.0, 6.0)}
-    assert errs[6.0] < errs[0.0] / 2
+def test_int8_outlier_decomposition_helps(device):
+    with torch.device(device):
+        # With a large-magnitude column, keeping it in float beats squeezing it into int8.
+        lin = _linear(512, 64)
+        x = torch.randn(8, 512)
+        x[:, 11] = 40.0
+        truth = lin(x)
+        errs = {t: (Linear8bit.from_linear(lin, threshold=t)(x) - truth).norm() for t in (0.0, 6.0)}
+        assert errs[6.0] < errs[0.0] / 2
 
 
 @pytest.mark.parametrize("make", [
@@ -89,19 +94,20 @@ def test_int8_outlier_decomposition_helps():
     lambda lin: _four_bit(lin, quant_type="nf4", quant_storage=torch.bfloat16),
     lambda lin: Linear8bit.from_linear(lin),
 ])  # fmt: skip
-def test_state_dict_round_trip_is_bit_identical(make):
-    lin = _linear(128, 24)
-    layer = make(lin)
-    sd = layer.state_dict()
-    assert "weight" in sd and "bias" in sd
-    fresh = type(layer)(128, 24, device="meta")  # defaults differ from the saved layer's options
-    fresh.load_state_dict(sd)
-    sd2 = fresh.state_dict()
-    assert sd.keys() == sd2.keys()
-    for key in sd:
-        assert sd[key].dtype == sd2[key].dtype and torch.equal(_bits(sd[key]), _bits(sd2[key])), key
-    x = torch.randn(3, 128)
-    assert torch.equal(layer(x), fresh(x))
+def test_state_dict_round_trip_is_bit_identical(device, make):
+    with torch.device(device):
+        lin = _linear(128, 24)
+        layer = make(lin)
+        sd = layer.state_dict()
+        assert "weight" in sd and "bias" in sd
+        fresh = type(layer)(128, 24, device="meta")  # defaults differ from the saved layer's options
+        fresh.load_state_dict(sd)
+        sd2 = fresh.state_dict()
+        assert sd.keys() == sd2.keys()
+        for key in sd:
+            assert sd[key].dtype == sd2[key].dtype and torch.equal(_bits(sd[key]), _bits(sd2[key])), key
+        x = torch.randn(3, 128)
+        assert torch.equal(layer(x), fresh(x))
 
 
 def _bits(t):
@@ -119,19 +125,20 @@ def test_4bit_state_dict_keys_are_bitsandbytes_keys():
     assert set(sd8) == {"weight", "SCB", "weight_format", "bias"} and sd8["weight_format"].item() == 0
 
 
-def test_to_dtype_never_casts_the_quantized_state():
-    layer = _four_bit(_linear(64, 16), quant_storage=torch.bfloat16, double_quant=True)
-    before = {k: v.clone() for k, v in layer.state_dict().items()}
-    layer.half()
-    after = layer.state_dict()
-    for key in before:
-        if key == "bias":
-            assert after[key].dtype == torch.float16
-        else:
-            assert after[key].dtype == before[key].dtype and torch.equal(_bits(after[key]), _bits(before[key])), key
-    assert layer(torch.randn(2, 64, dtype=torch.float16)).dtype == torch.float16
-    l8 = Linear8bit.from_linear(_linear(64, 16)).to(torch.bfloat16)
-    assert l8.SCB.dtype == torch.float32 and l8.weight.dtype == torch.int8
+def test_to_dtype_never_casts_the_quantized_state(device):
+    with torch.device(device):
+        layer = _four_bit(_linear(64, 16), quant_storage=torch.bfloat16, double_quant=True)
+        before = {k: v.clone() for k, v in layer.state_dict().items()}
+        layer.half()
+        after = layer.state_dict()
+        for key in before:
+            if key == "bias":
+                assert after[key].dtype == torch.float16
+            else:
+                assert after[key].dtype == before[key].dtype and torch.equal(_bits(after[key]), _bits(before[key])), key
+        assert layer(torch.randn(2, 64, dtype=torch.float16)).dtype == torch.float16
+        l8 = Linear8bit.from_linear(_linear(64, 16)).to(torch.bfloat16)
+        assert l8.SCB.dtype == torch.float32 and l8.weight.dtype == torch.int8
 
 
 def test_to_device_moves_without_dequantizing():
@@ -141,14 +148,15 @@ def test_to_device_moves_without_dequantizing():
     assert moved.weight.shape == (512, 1) and moved.absmax.dtype == torch.float32
 
 
-def test_compute_dtype():
-    lin = _linear(64, 16)
-    layer = _four_bit(lin, compute_dtype=torch.bfloat16)
-    x = torch.randn(2, 64)
-    out = layer(x)
-    assert out.dtype == torch.float32
-    torch.testing.assert_close(out, F.linear(x.bfloat16(), layer.dequantize().bfloat16(), lin.bias.bfloat16()).float(),
-                               rtol=2e-2, atol=2e-2)  # fmt: skip
+def test_compute_dtype(device):
+    with torch.device(device):
+        lin = _linear(64, 16)
+        layer = _four_bit(lin, compute_dtype=torch.bfloat16)
+        x = torch.randn(2, 64)
+        out = layer(x)
+        assert out.dtype == torch.float32
+        torch.testing.assert_close(out, F.linear(x.bfloat16(), layer.dequantize().bfloat16(), lin.bias.bfloat16()).float(),
+                                   rtol=2e-2, atol=2e-2)  # fmt: skip
 
 
 def test_repr_is_readable():
@@ -165,18 +173,20 @@ def test_weights_are_buffers_and_bias_a_parameter():
 
 
 @pytest.mark.parametrize("make", [lambda lin: _four_bit(lin, double_quant=True), Linear8bit.from_linear])
-def test_torch_compile_fullgraph(make):
-    layer = make(_linear(128, 32))
-    x = torch.randn(4, 128)
-    compiled = torch.compile(layer, fullgraph=True)
-    torch.testing.assert_close(compiled(x), layer(x))
+def test_torch_compile_fullgraph(device, make):
+    with torch.device(device):
+        layer = make(_linear(128, 32))
+        x = torch.randn(4, 128)
+        compiled = torch.compile(layer, fullgraph=True)
+        torch.testing.assert_close(compiled(x), layer(x))
 
 
-def test_backward_reaches_input_and_bias_only():
-    layer = _four_bit(_linear(64, 16))
-    x = torch.randn(3, 64, requires_grad=True)
-    layer(x).sum().backward()
-    assert x.grad is not None and layer.bias.grad is not None
+def test_backward_reaches_input_and_bias_only(device):
+    with torch.device(device):
+        layer = _four_bit(_linear(64, 16))
+        x = torch.randn(3, 64, requires_grad=True)
+        layer(x).sum().backward()
+        assert x.grad is not None and layer.bias.grad is not None
 
 
 # -- bad input -------------------------------------------------------------------------------------

@@ -2,54 +2,48 @@
 
 import pytest
 import torch
-from helpers import DTYPES, QUANT_TYPES, SIZES, assert_close_to_exact
+from helpers import DTYPES, K_BLOCKSIZES, QUANT_TYPES, ROWS, SIZES, assert_close_to_exact, op_cases
 
 import lowbit
 from lowbit import ops, reference
+from lowbit.fallback import native_devices
 from lowbit.formats import NestedState, code_4bit, dynamic_map
-
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-
-
-@pytest.fixture(params=["native", "portable"])
-def isa(request, monkeypatch):
-    """Run a test on the AVX-512 kernels (where the CPU has them) and on the portable ones."""
-    if request.param == "portable":
-        monkeypatch.setenv("LOWBIT_CPU_ISA", "portable")
-    return request.param
-
-
-def _weight(n, k, dtype, device="cpu"):
-    return torch.randn(n, k, device=device).to(dtype)
 
 
 # -- 4-bit ---------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("device", DEVICES)
+def _assert_same_on_every_device(outputs, cpu_outputs):
+    """Quantized bytes and scales are specified bit for bit: a weight quantized on any device saves the
+    same checkpoint as on the CPU."""
+    for out, cpu in zip(outputs, cpu_outputs):
+        assert torch.equal(out.cpu(), cpu)
+
+
 @pytest.mark.parametrize("quant_type", QUANT_TYPES)
 @pytest.mark.parametrize("blocksize", [32, 64, 256, 4096])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("numel", SIZES + [4096 * 3 + 5])
-def test_quantize_4bit_matches_reference_bit_for_bit(isa, device, quant_type, blocksize, dtype, numel):
-    A = torch.randn(numel, device=device).to(dtype) * 3
-    packed, absmax = ops.quantize_4bit(A, blocksize, quant_type)
-    ref_packed, ref_absmax = reference.quantize_4bit(A, blocksize, quant_type)
+def test_quantize_4bit_matches_reference_bit_for_bit(kernel_device, quant_type, blocksize, dtype, numel):
+    A = (torch.randn(numel) * 3).to(dtype)
+    packed, absmax = ops.quantize_4bit(A.to(kernel_device), blocksize, quant_type)
+    ref_packed, ref_absmax = reference.quantize_4bit(A.to(kernel_device), blocksize, quant_type)
     assert packed.shape == ((numel + 1) // 2, 1) and packed.dtype == torch.uint8
     assert absmax.shape == (-(-numel // blocksize),) and absmax.dtype == torch.float32
     assert torch.equal(packed, ref_packed)
     assert torch.equal(absmax, ref_absmax)
+    _assert_same_on_every_device((packed, absmax), reference.quantize_4bit(A, blocksize, quant_type))
 
 
 @pytest.mark.parametrize("quant_type", QUANT_TYPES)
-def test_quantize_4bit_edge_values(isa, quant_type):
+def test_quantize_4bit_edge_values(kernel_device, quant_type):
     # Exact zeros, a whole zero block, the block maximum, and values on code midpoints.
     code = code_4bit(quant_type)
     mids = (code.sort().values[:-1] + code.sort().values[1:]) / 2
     A = torch.cat([torch.zeros(64), mids, -mids, torch.tensor([1.0, -1.0, 0.0, -0.0, 1e-30, -1e-30]), code])
-    packed, absmax = ops.quantize_4bit(A, 64, quant_type)
+    packed, absmax = ops.quantize_4bit(A.to(kernel_device), 64, quant_type)
     ref_packed, ref_absmax = reference.quantize_4bit(A, 64, quant_type)
-    assert torch.equal(packed, ref_packed) and torch.equal(absmax, ref_absmax)
+    assert torch.equal(packed.cpu(), ref_packed) and torch.equal(absmax.cpu(), ref_absmax)
     assert absmax[0] == 0  # the all-zero block
 
 
@@ -57,8 +51,8 @@ def test_quantize_4bit_edge_values(isa, quant_type):
 @pytest.mark.parametrize("blocksize", [32, 64, 1024])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(1,), (17, 1025), (3, 5, 7)])
-def test_dequantize_4bit_matches_reference(quant_type, blocksize, dtype, shape):
-    A = torch.randn(shape)
+def test_dequantize_4bit_matches_reference(device, quant_type, blocksize, dtype, shape):
+    A = torch.randn(shape, device=device)
     packed, absmax = ops.quantize_4bit(A, blocksize, quant_type)
     out = ops.dequantize_4bit(packed, absmax, blocksize, quant_type, shape, dtype)
     ref = reference.dequantize_4bit(packed, absmax, blocksize, quant_type, shape, dtype)
@@ -67,10 +61,10 @@ def test_dequantize_4bit_matches_reference(quant_type, blocksize, dtype, shape):
 
 
 @pytest.mark.parametrize("quant_type", QUANT_TYPES)
-def test_native_code_tables_match_python(quant_type):
+def test_native_code_tables_match_python(device, quant_type):
     # Every code in both nibbles, absmax 1: the C++ table must be the Python one.
-    packed = torch.arange(256, dtype=torch.uint8).view(-1, 1)
-    out = ops.dequantize_4bit(packed, torch.ones(16), 32, quant_type, (512,))
+    packed = torch.arange(256, dtype=torch.uint8, device=device).view(-1, 1)
+    out = ops.dequantize_4bit(packed, torch.ones(16, device=device), 32, quant_type, (512,)).cpu()
     code = code_4bit(quant_type)
     assert torch.equal(out[0::2], code.repeat_interleave(16))
     assert torch.equal(out[1::2], code.repeat(16))
@@ -79,13 +73,15 @@ def test_native_code_tables_match_python(quant_type):
 @pytest.mark.parametrize("blocksize", [64, 256])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("numel", SIZES + [5000])
-def test_blockwise_8bit_matches_reference(blocksize, dtype, numel):
+def test_blockwise_8bit_matches_reference(device, blocksize, dtype, numel):
     A = torch.randn(numel).to(dtype)
-    q, absmax = ops.quantize_blockwise(A, blocksize=blocksize)
-    ref_q, ref_absmax = reference.quantize_blockwise(A, blocksize=blocksize)
+    q, absmax = ops.quantize_blockwise(A.to(device), blocksize=blocksize)
+    ref_q, ref_absmax = reference.quantize_blockwise(A.to(device), blocksize=blocksize)
     assert torch.equal(q, ref_q) and torch.equal(absmax, ref_absmax)
+    _assert_same_on_every_device((q, absmax), reference.quantize_blockwise(A, blocksize=blocksize))
     out = ops.dequantize_blockwise(q, absmax, blocksize=blocksize, dtype=dtype)
     assert torch.equal(out, reference.dequantize_blockwise(q, absmax, blocksize=blocksize, dtype=dtype))
+    out, q, absmax = out.cpu(), q.cpu(), absmax.cpu()
     # Round to nearest: never further than half the widest gap of the map, times the block scale.
     gap = dynamic_map().diff().max()
     scale = absmax.repeat_interleave(blocksize)[:numel]
@@ -102,59 +98,55 @@ def test_dynamic_map_shape():
 # -- linear_4bit ---------------------------------------------------------------------------------
 
 
-def _quantized(N, K, quant_type, blocksize, double_quant):
-    W = torch.randn(N, K)
+def _quantized(N, K, quant_type, blocksize, double_quant, device="cpu"):
+    W = torch.randn(N, K, device=device)
     packed, absmax = ops.quantize_4bit(W, blocksize, quant_type)
     nested = None
     if double_quant:
         offset = absmax.mean()
         absmax, nested_absmax = ops.quantize_blockwise(absmax - offset)
-        nested = NestedState(nested_absmax, dynamic_map(), offset.item())
+        nested = NestedState(nested_absmax, dynamic_map(device), offset.item())
     return packed, absmax, nested
 
 
 @pytest.mark.parametrize("quant_type", QUANT_TYPES)
 @pytest.mark.parametrize("double_quant", [False, True])
-@pytest.mark.parametrize("M", [1, 3, 5, 17, 65])
-@pytest.mark.parametrize("K,blocksize", [(1024, 64), (256, 256), (1025, 64), (65, 32)])
+@pytest.mark.parametrize("M", ROWS)
+@pytest.mark.parametrize("K,blocksize", K_BLOCKSIZES)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_linear_4bit_matches_reference(isa, quant_type, double_quant, M, K, blocksize, dtype):
+def test_linear_4bit_matches_reference(kernel_device, quant_type, double_quant, M, K, blocksize, dtype):
     N = 17
-    packed, absmax, nested = _quantized(N, K, quant_type, blocksize, double_quant)
-    x = torch.randn(M, K).to(dtype)
-    bias = torch.randn(N).to(dtype)
+    packed, absmax, nested = _quantized(N, K, quant_type, blocksize, double_quant, kernel_device)
+    x = torch.randn(M, K, device=kernel_device).to(dtype)
+    bias = torch.randn(N, device=kernel_device).to(dtype)
     out = ops.linear_4bit(x, packed, absmax, blocksize, quant_type, N, bias, nested)
     ref = reference.linear_4bit(x, packed, absmax, blocksize, quant_type, N, bias, nested)
-    scales = absmax if nested is None else dequantize_nested(absmax, nested)
+    scales = absmax if nested is None else nested.decode(absmax)
     W = reference.dequantize_4bit(packed, scales, blocksize, quant_type, (N, K), torch.float64)
     exact = x.double() @ W.t() + bias.double()
     assert_close_to_exact(out, ref, exact, f"linear_4bit M={M} K={K}")
 
 
-def dequantize_nested(absmax_q, nested):
-    return reference.dequantize_blockwise(absmax_q, nested.absmax, nested.code, nested.blocksize) + nested.offset
-
-
-def test_linear_4bit_batched_input_shape():
-    packed, absmax, _ = _quantized(8, 64, "nf4", 64, False)
-    x = torch.randn(2, 3, 64)
+def test_linear_4bit_batched_input_shape(device):
+    packed, absmax, _ = _quantized(8, 64, "nf4", 64, False, device)
+    x = torch.randn(2, 3, 64, device=device)
     out = ops.linear_4bit(x, packed, absmax, 64, "nf4", 8)
     assert out.shape == (2, 3, 8)
     assert torch.equal(out, ops.linear_4bit(x.reshape(6, 64), packed, absmax, 64, "nf4", 8).reshape(2, 3, 8))
 
 
-def test_linear_4bit_empty_batch_and_zero_features():
-    packed, absmax, _ = _quantized(8, 64, "nf4", 64, False)
-    assert ops.linear_4bit(torch.randn(0, 64), packed, absmax, 64, "nf4", 8).shape == (0, 8)
-    p0, a0 = ops.quantize_4bit(torch.empty(0), 64, "nf4")
+def test_linear_4bit_empty_batch_and_zero_features(device):
+    packed, absmax, _ = _quantized(8, 64, "nf4", 64, False, device)
+    assert ops.linear_4bit(torch.randn(0, 64, device=device), packed, absmax, 64, "nf4", 8).shape == (0, 8)
+    p0, a0 = ops.quantize_4bit(torch.empty(0, device=device), 64, "nf4")
     assert p0.shape == (0, 1) and a0.shape == (0,)
 
 
-def test_linear_4bit_gradient_matches_reference():
-    packed, absmax, nested = _quantized(9, 128, "nf4", 64, True)
-    x = torch.randn(3, 128, requires_grad=True)
-    bias = torch.randn(9, requires_grad=True)
-    upstream = torch.randn(3, 9)  # a linear loss: the gradient does not depend on forward rounding
+def test_linear_4bit_gradient_matches_reference(device):
+    packed, absmax, nested = _quantized(9, 128, "nf4", 64, True, device)
+    x = torch.randn(3, 128, device=device, requires_grad=True)
+    bias = torch.randn(9, device=device, requires_grad=True)
+    upstream = torch.randn(3, 9, device=device)  # a linear loss: the gradient does not depend on forward rounding
     ops.linear_4bit(x, packed, absmax, 64, "nf4", 9, bias, nested).backward(upstream)
     x_ref = x.detach().clone().requires_grad_()
     b_ref = bias.detach().clone().requires_grad_()
@@ -166,20 +158,20 @@ def test_linear_4bit_gradient_matches_reference():
 # -- int8 ----------------------------------------------------------------------------------------
 
 
-def _with_outliers(M, K, dtype):
+def _with_outliers(M, K, dtype, device="cpu"):
     x = torch.randn(M, K)
     if K > 3:
         x[:, 3] = 20.0  # a whole outlier column
         x[0, K - 1] = -9.0  # a single outlier element
-    return x.to(dtype)
+    return x.to(device, dtype)
 
 
 @pytest.mark.parametrize("threshold", [0.0, 6.0])
 @pytest.mark.parametrize("M", SIZES)
 @pytest.mark.parametrize("K", SIZES)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_int8_vectorwise_quant_matches_reference(threshold, M, K, dtype):
-    x = _with_outliers(M, K, dtype)
+def test_int8_vectorwise_quant_matches_reference(device, threshold, M, K, dtype):
+    x = _with_outliers(M, K, dtype, device)
     q, stats, cols = ops.int8_vectorwise_quant(x, threshold)
     ref_q, ref_stats, ref_cols = reference.int8_vectorwise_quant(x, threshold)
     assert torch.equal(q, ref_q) and torch.equal(stats, ref_stats) and torch.equal(cols, ref_cols)
@@ -189,9 +181,9 @@ def test_int8_vectorwise_quant_matches_reference(threshold, M, K, dtype):
 
 @pytest.mark.parametrize("M", [1, 5, 8, 17])
 @pytest.mark.parametrize("K", SIZES + [4096])
-def test_int8_mm_is_exact(isa, M, K):
-    A = torch.randint(-127, 128, (M, K), dtype=torch.int8)
-    B = torch.randint(-127, 128, (33, K), dtype=torch.int8)
+def test_int8_mm_is_exact(kernel_device, M, K):
+    A = torch.randint(-127, 128, (M, K), dtype=torch.int8, device=kernel_device)
+    B = torch.randint(-127, 128, (33, K), dtype=torch.int8, device=kernel_device)
     assert torch.equal(ops.int8_mm(A, B), reference.int8_mm(A, B))
 
 
@@ -199,11 +191,11 @@ def test_int8_mm_is_exact(isa, M, K):
 @pytest.mark.parametrize("M", [1, 4, 17])
 @pytest.mark.parametrize("K", SIZES + [1024])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_int8_linear_matches_reference(isa, threshold, M, K, dtype):
+def test_int8_linear_matches_reference(kernel_device, threshold, M, K, dtype):
     N = 33
-    CB, SCB, _ = reference.int8_vectorwise_quant(torch.randn(N, K), 0.0)
-    x = _with_outliers(M, K, dtype)
-    bias = torch.randn(N).to(dtype)
+    CB, SCB, _ = reference.int8_vectorwise_quant(torch.randn(N, K, device=kernel_device), 0.0)
+    x = _with_outliers(M, K, dtype, kernel_device)
+    bias = torch.randn(N, device=kernel_device).to(dtype)
     out = ops.int8_linear(x, CB, SCB, threshold, bias)
     ref = reference.int8_linear(x, CB, SCB, threshold, bias)
     # The float64 truth of the same algorithm (same int8 activations, exact accumulation and scaling).
@@ -213,9 +205,9 @@ def test_int8_linear_matches_reference(isa, threshold, M, K, dtype):
     assert_close_to_exact(out, ref, exact + bias.double(), f"int8_linear M={M} K={K}")
 
 
-def test_int8_linear_gradient():
-    CB, SCB, _ = reference.int8_vectorwise_quant(torch.randn(7, 32), 0.0)
-    x = torch.randn(2, 32, requires_grad=True)
+def test_int8_linear_gradient(device):
+    CB, SCB, _ = reference.int8_vectorwise_quant(torch.randn(7, 32, device=device), 0.0)
+    x = torch.randn(2, 32, device=device, requires_grad=True)
     ops.int8_linear(x, CB, SCB, 6.0).sum().backward()
     expected = (CB.float() * (SCB / 127).unsqueeze(1)).sum(0).expand(2, 32)
     torch.testing.assert_close(x.grad, expected)
@@ -224,36 +216,16 @@ def test_int8_linear_gradient():
 # -- opcheck: schemas, fake kernels, autograd registration, dynamic shapes -------------------------
 
 
-def _opcheck_cases():
-    W = torch.randn(24, 128)
-    packed, absmax = ops.quantize_4bit(W, 64, "nf4")
-    absmax_q, nested_absmax = ops.quantize_blockwise(absmax - absmax.mean())
-    CB, SCB, _ = reference.int8_vectorwise_quant(W, 0.0)
-    x = torch.randn(3, 128)
-    return [
-        (torch.ops.lowbit.quantize_4bit, (torch.randn(1025), 64, "fp4")),
-        (torch.ops.lowbit.dequantize_4bit, (packed, absmax, 64, "nf4", [24, 128], torch.bfloat16)),
-        (torch.ops.lowbit.quantize_blockwise, (torch.randn(700), dynamic_map(), 256)),
-        (torch.ops.lowbit.dequantize_blockwise, (absmax_q, nested_absmax, dynamic_map(), 256, torch.float32)),
-        (torch.ops.lowbit.linear_4bit, (x, packed, absmax, 64, "nf4", 24, torch.randn(24))),
-        (torch.ops.lowbit.linear_4bit,
-         (x.requires_grad_(), packed, absmax_q, 64, "nf4", 24, None, nested_absmax, dynamic_map(), 0.5, 256)),
-        (torch.ops.lowbit.int8_vectorwise_quant, (torch.randn(5, 64), 0.0)),
-        (torch.ops.lowbit.int8_mm, (CB[:5].contiguous(), CB)),
-        (torch.ops.lowbit.int8_linear, (torch.randn(2, 128, requires_grad=True), CB, SCB, 0.0, torch.randn(24))),
-    ]  # fmt: skip
-
-
-@pytest.mark.parametrize("case", range(len(_opcheck_cases())))
-def test_opcheck(case):
-    op, args = _opcheck_cases()[case]
+@pytest.mark.parametrize("case", range(len(op_cases())))
+def test_opcheck(device, case):
+    op, args = op_cases(device)[case]
     torch.library.opcheck(op, args)
 
 
-def test_opcheck_int8_quant_with_outliers():
+def test_opcheck_int8_quant_with_outliers(device):
     # The number of outlier columns is data-dependent: the fake kernel returns an unbacked size.
     # aot_dispatch_dynamic cannot trace data-dependent sizes, so check the other utilities.
-    x = _with_outliers(4, 16, torch.float32)
+    x = _with_outliers(4, 16, torch.float32, device)
     torch.library.opcheck(torch.ops.lowbit.int8_vectorwise_quant, (x, 6.0),
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))  # fmt: skip
 
@@ -262,59 +234,67 @@ def test_opcheck_int8_quant_with_outliers():
 
 
 @pytest.mark.parametrize(
-    "call,error,match",
+    "op,call,error,match",
     [
-        (lambda: ops.quantize_4bit(torch.randn(64), 48), ValueError, "blocksize must be a power of two"),
-        (lambda: ops.quantize_4bit(torch.randn(64), 8192), ValueError, "blocksize"),
-        (lambda: ops.quantize_4bit(torch.randn(64), 64, "nf5"), ValueError, "quant_type"),
-        (lambda: ops.quantize_4bit(torch.arange(64), 64), TypeError, "float32, float16 or bfloat16"),
-        (lambda: ops.quantize_4bit(torch.tensor([1.0, float("nan")] * 32), 64), ValueError, "NaN or Inf"),
-        (lambda: ops.quantize_4bit(torch.tensor([1.0, float("inf")] * 32), 64), ValueError, "NaN or Inf"),
-        (lambda: ops.quantize_blockwise(torch.tensor([float("nan")] * 8)), ValueError, "NaN or Inf"),
-        (lambda: ops.quantize_blockwise(torch.randn(8), torch.randn(256)), ValueError, "sorted"),
-        (lambda: ops.quantize_blockwise(torch.randn(8), torch.randn(255).sort().values), ValueError, "255 elements"),
-        (lambda: ops.dequantize_4bit(torch.zeros(10, 1, dtype=torch.uint8), torch.ones(1), 64, "nf4", (4, 8)),
+        ("quantize_4bit", lambda: ops.quantize_4bit(torch.randn(64), 48), ValueError, "blocksize must be a power of two"),
+        ("quantize_4bit", lambda: ops.quantize_4bit(torch.randn(64), 8192), ValueError, "blocksize"),
+        ("quantize_4bit", lambda: ops.quantize_4bit(torch.randn(64), 64, "nf5"), ValueError, "quant_type"),
+        ("quantize_4bit", lambda: ops.quantize_4bit(torch.arange(64), 64), TypeError, "float32, float16 or bfloat16"),
+        ("quantize_4bit", lambda: ops.quantize_4bit(torch.tensor([1.0, float("nan")] * 32), 64), ValueError, "NaN or Inf"),
+        ("quantize_4bit", lambda: ops.quantize_4bit(torch.tensor([1.0, float("inf")] * 32), 64), ValueError, "NaN or Inf"),
+        ("quantize_blockwise", lambda: ops.quantize_blockwise(torch.tensor([float("nan")] * 8)), ValueError, "NaN or Inf"),
+        ("quantize_blockwise", lambda: ops.quantize_blockwise(torch.randn(8), torch.randn(256)), ValueError, "sorted"),
+        ("quantize_blockwise", lambda: ops.quantize_blockwise(torch.randn(8), torch.randn(255).sort().values), ValueError, "255 elements"),
+        ("dequantize_4bit", lambda: ops.dequantize_4bit(torch.zeros(10, 1, dtype=torch.uint8), torch.ones(1), 64, "nf4", (4, 8)),
          ValueError, "packed has 10 elements, expected 16"),
-        (lambda: ops.dequantize_4bit(torch.zeros(16, 1, dtype=torch.uint8), torch.ones(2), 64, "nf4", (4, 8)),
+        ("dequantize_4bit", lambda: ops.dequantize_4bit(torch.zeros(16, 1, dtype=torch.uint8), torch.ones(2), 64, "nf4", (4, 8)),
          ValueError, "absmax has 2 elements"),
-        (lambda: ops.dequantize_4bit(torch.zeros(16, 1, dtype=torch.uint8), torch.ones(1, dtype=torch.float64), 64,
+        ("dequantize_4bit", lambda: ops.dequantize_4bit(torch.zeros(16, 1, dtype=torch.uint8), torch.ones(1, dtype=torch.float64), 64,
                                      "nf4", (4, 8)), TypeError, "absmax must be Float"),
-        (lambda: ops.dequantize_4bit(torch.zeros(16, 1, dtype=torch.uint8), torch.ones(1), 64, "nf4", (4, 8),
+        ("dequantize_4bit", lambda: ops.dequantize_4bit(torch.zeros(16, 1, dtype=torch.uint8), torch.ones(1), 64, "nf4", (4, 8),
                                      torch.int32), TypeError, "output dtype"),
-        (lambda: ops.linear_4bit(torch.randn(2, 63), *ops.quantize_4bit(torch.randn(8, 64)), 64, "nf4", 8),
+        ("linear_4bit", lambda: ops.linear_4bit(torch.randn(2, 63), *ops.quantize_4bit(torch.randn(8, 64)), 64, "nf4", 8),
          ValueError, "does x's last dimension match in_features"),
-        (lambda: ops.linear_4bit(torch.randn(2, 64), ops.quantize_4bit(torch.randn(8, 64))[0], torch.ones(7), 64,
+        ("linear_4bit", lambda: ops.linear_4bit(torch.randn(2, 64), ops.quantize_4bit(torch.randn(8, 64))[0], torch.ones(7), 64,
                                  "nf4", 8), ValueError, "absmax has 7 elements"),
-        (lambda: ops.linear_4bit(torch.randn(2, 64), ops.quantize_4bit(torch.randn(8, 64))[0],
+        ("linear_4bit", lambda: ops.linear_4bit(torch.randn(2, 64), ops.quantize_4bit(torch.randn(8, 64))[0],
                                  torch.zeros(8, dtype=torch.uint8), 64, "nf4", 8), ValueError, "needs nested_absmax"),
-        (lambda: ops.linear_4bit(torch.randn(2, 64), *ops.quantize_4bit(torch.randn(8, 64)), 64, "nf4", 8,
+        ("linear_4bit", lambda: ops.linear_4bit(torch.randn(2, 64), *ops.quantize_4bit(torch.randn(8, 64)), 64, "nf4", 8,
                                  torch.randn(9)), ValueError, "bias must have shape"),
-        (lambda: ops.linear_4bit(torch.randn(2, 64, device="meta"), *ops.quantize_4bit(torch.randn(8, 64)), 64, "nf4",
-                                 8), ValueError, "is on cpu but the input is on meta"),
-        (lambda: ops.int8_mm(torch.zeros(2, 3, dtype=torch.int8), torch.zeros(2, 4, dtype=torch.int8)), ValueError,
+        ("int8_mm", lambda: ops.int8_mm(torch.zeros(2, 3, dtype=torch.int8), torch.zeros(2, 4, dtype=torch.int8)), ValueError,
          "same last dimension"),
-        (lambda: ops.int8_mm(torch.zeros(2, 3), torch.zeros(2, 3, dtype=torch.int8)), TypeError, "A must be Char"),
-        (lambda: ops.int8_linear(torch.randn(2, 5), torch.zeros(3, 4, dtype=torch.int8), torch.ones(3)), ValueError,
+        ("int8_mm", lambda: ops.int8_mm(torch.zeros(2, 3), torch.zeros(2, 3, dtype=torch.int8)), TypeError, "A must be Char"),
+        ("int8_linear", lambda: ops.int8_linear(torch.randn(2, 5), torch.zeros(3, 4, dtype=torch.int8), torch.ones(3)), ValueError,
          "x has 5 features but the weight expects 4"),
-        (lambda: ops.int8_linear(torch.randn(2, 4), torch.zeros(3, 4, dtype=torch.int8), torch.ones(2)), ValueError,
+        ("int8_linear", lambda: ops.int8_linear(torch.randn(2, 4), torch.zeros(3, 4, dtype=torch.int8), torch.ones(2)), ValueError,
          "SCB has 2 elements"),
-        (lambda: ops.int8_linear(torch.randn(2, 4), torch.zeros(3, 4, dtype=torch.int8), torch.ones(3), -1.0),
+        ("int8_linear", lambda: ops.int8_linear(torch.randn(2, 4), torch.zeros(3, 4, dtype=torch.int8), torch.ones(3), -1.0),
          ValueError, "threshold must be finite"),
-        (lambda: ops.int8_vectorwise_quant(torch.zeros(2, 3, dtype=torch.int32)), TypeError, "A must be float32"),
+        ("int8_vectorwise_quant", lambda: ops.int8_vectorwise_quant(torch.zeros(2, 3, dtype=torch.int32)), TypeError, "A must be float32"),
     ],
 )  # fmt: skip
-def test_bad_input_raises_clear_error(call, error, match):
-    with pytest.raises(error, match=match):
+def test_bad_input_raises_clear_error(device, op, call, error, match):
+    # Every device's kernel calls the same validator (csrc/validate.cpp): same exceptions, same messages.
+    if device not in native_devices(op):
+        pytest.skip(f"no native {op} kernel on {device} (the reference fallback runs, with lighter checks)")
+    with torch.device(device), pytest.raises(error, match=match):
         call()
 
 
-def test_non_contiguous_inputs_are_handled():
-    W = torch.randn(64, 32).t()  # non-contiguous
-    packed, absmax = ops.quantize_4bit(W, 64, "nf4")
-    assert torch.equal(packed, ops.quantize_4bit(W.contiguous(), 64, "nf4")[0])
-    x = torch.randn(64, 3).t()
-    out = ops.linear_4bit(x, packed, absmax, 64, "nf4", 32)
-    assert torch.equal(out, ops.linear_4bit(x.contiguous(), packed, absmax, 64, "nf4", 32))
+def test_tensors_on_another_device_are_refused():
+    x = torch.randn(2, 64, device="meta")
+    with pytest.raises(ValueError, match="is on cpu but the input is on meta"):
+        ops.linear_4bit(x, *ops.quantize_4bit(torch.randn(8, 64)), 64, "nf4", 8)
+
+
+def test_non_contiguous_inputs_are_handled(device):
+    with torch.device(device):
+        W = torch.randn(64, 32).t()  # non-contiguous
+        packed, absmax = ops.quantize_4bit(W, 64, "nf4")
+        assert torch.equal(packed, ops.quantize_4bit(W.contiguous(), 64, "nf4")[0])
+        x = torch.randn(64, 3).t()
+        out = ops.linear_4bit(x, packed, absmax, 64, "nf4", 32)
+        assert torch.equal(out, ops.linear_4bit(x.contiguous(), packed, absmax, 64, "nf4", 32))
 
 
 def test_library_is_loaded_from_build_info():
@@ -323,35 +303,41 @@ def test_library_is_loaded_from_build_info():
     assert isinstance(info["cuda"], bool)
 
 
-def test_int8_linear_propagates_nan_like_float_linear():
-    CB, SCB, _ = reference.int8_vectorwise_quant(torch.randn(8, 64), 0.0)
-    for threshold in (0.0, 6.0):
-        x = torch.randn(3, 64)
-        x[1, 5] = float("nan")
-        out = ops.int8_linear(x, CB, SCB, threshold)
-        assert out[1].isnan().all() and out[[0, 2]].isfinite().all()
-        ref = reference.int8_linear(x, CB, SCB, threshold)
-        assert torch.equal(out.isnan(), ref.isnan())
-    x = torch.randn(2, 64)
-    x[0, 9] = float("inf")  # an outlier with a threshold (goes through float), poison without one
-    assert not ops.int8_linear(x, CB, SCB, 6.0)[1].isnan().any()
-    assert ops.int8_linear(x, CB, SCB, 0.0)[0].isnan().all()
+def test_int8_linear_propagates_nan_like_float_linear(device):
+    with torch.device(device):
+        CB, SCB, _ = reference.int8_vectorwise_quant(torch.randn(8, 64), 0.0)
+        for threshold in (0.0, 6.0):
+            x = torch.randn(3, 64)
+            x[1, 5] = float("nan")
+            out = ops.int8_linear(x, CB, SCB, threshold)
+            assert out[1].isnan().all() and out[[0, 2]].isfinite().all()
+            ref = reference.int8_linear(x, CB, SCB, threshold)
+            assert torch.equal(out.isnan(), ref.isnan())
+        x = torch.randn(2, 64)
+        x[0, 9] = float("inf")  # an outlier with a threshold (goes through float), poison without one
+        assert not ops.int8_linear(x, CB, SCB, 6.0)[1].isnan().any()
+        assert ops.int8_linear(x, CB, SCB, 0.0)[0].isnan().all()
 
 
-def test_int8_quant_subnormal_rows_match_reference():
-    x = torch.full((2, 16), 1e-40)
-    x[1] = torch.randn(16)
-    assert torch.equal(ops.int8_vectorwise_quant(x)[0], reference.int8_vectorwise_quant(x)[0])
-    assert (ops.int8_vectorwise_quant(x)[0][0] == 127).all()
+def test_int8_quant_subnormal_rows_match_reference(device):
+    with torch.device(device):
+        x = torch.full((2, 16), 1e-40)
+        x[1] = torch.randn(16)
+        assert torch.equal(ops.int8_vectorwise_quant(x)[0], reference.int8_vectorwise_quant(x)[0])
+        assert (ops.int8_vectorwise_quant(x)[0][0] == 127).all()
 
 
-def test_fake_int8_quant_with_zero_features():
-    torch.library.opcheck(torch.ops.lowbit.int8_vectorwise_quant, (torch.randn(5, 0), 0.0))
+def test_fake_int8_quant_with_zero_features(device):
+    with torch.device(device):
+        torch.library.opcheck(torch.ops.lowbit.int8_vectorwise_quant, (torch.randn(5, 0), 0.0))
 
 
-def test_int8_mm_refuses_k_that_could_overflow():
+def test_int8_mm_refuses_k_that_could_overflow(device):
+    if device not in native_devices("int8_mm"):
+        pytest.skip(f"no native int8_mm kernel on {device} (the reference fallback runs, with lighter checks)")
+    A = torch.zeros(1, 133_200, dtype=torch.int8, device=device)
     with pytest.raises(ValueError, match="overflow the int32 accumulator"):
-        ops.int8_mm(torch.zeros(1, 133_200, dtype=torch.int8), torch.zeros(1, 133_200, dtype=torch.int8))
+        ops.int8_mm(A, A)
 
 
 def test_import_refuses_a_library_built_for_another_torch(monkeypatch):

@@ -5,6 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .compare import api, presets
+from .compare._optional import require
+
 
 def _fraction(text: str) -> float:
     """'1%' → 0.01; a bare number is taken as a fraction ('0.01' → 0.01)."""
@@ -15,8 +18,6 @@ def _fraction(text: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .compare import api, configs
-
     parser = argparse.ArgumentParser(
         prog="lowbit", description="8-bit and 4-bit quantized linear layers for PyTorch."
     )
@@ -33,8 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     cmp.add_argument("model", nargs="?", metavar="MODEL", help="model directory or .gguf file (default: built-in SmolLM2)")
     cmp.add_argument(
-        "--configs", default=",".join(configs.DEFAULT_CONFIGS),
-        help=f"comma-separated configs to compare, from: {', '.join(configs.PRESETS)} (default: %(default)s)",
+        "--configs", default=",".join(presets.DEFAULT_CONFIGS),
+        help=f"comma-separated configs to compare, from: {', '.join(presets.PRESETS)} (default: %(default)s)",
     )  # fmt: skip
     cmp.add_argument("--text", metavar="FILE", help="UTF-8 text file to evaluate on (default: pydoc_data topics)")
     cmp.add_argument(
@@ -67,9 +68,6 @@ def main(argv=None) -> int:
 
 
 def _compare(args, parser) -> int:
-    from .compare import compare
-    from .compare._optional import require
-
     try:  # fail before minutes of measuring, not after
         require("rich.console", "the terminal table")
         if args.out:
@@ -85,7 +83,7 @@ def _compare(args, parser) -> int:
         except OSError as e:
             parser.error(f"cannot read --text: {e}")
     try:
-        report = compare(
+        report = api.compare(
             args.model,
             configs=args.configs,
             text=text,

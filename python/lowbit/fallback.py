@@ -45,6 +45,11 @@ def native_devices(op: str) -> list[str]:
     return [d for d in KERNEL_DEVICES if torch._C._dispatch_has_kernel_for_dispatch_key(f"lowbit::{op}", d.upper())]
 
 
+def _kernel(name: str):
+    # Looked up per call, so a test can watch which calls reach the reference.
+    return lambda *args: REFERENCE_KERNELS[name](*args)
+
+
 # At import, so once per process (`lowbit/__init__.py` imports this module after the native library).
-for _name, _kernel in REFERENCE_KERNELS.items():
-    torch.library.register_kernel(f"lowbit::{_name}", None, _kernel)
+for _name in REFERENCE_KERNELS:
+    torch.library.register_kernel(f"lowbit::{_name}", None, _kernel(_name))

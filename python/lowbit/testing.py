@@ -11,7 +11,7 @@
 from __future__ import annotations
 
 from .compare.api import compare
-from .compare.configs import describe
+from .compare.presets import describe
 from .compare.report import ConfigResult
 
 # Smaller than the report's defaults: a test should take seconds, not minutes.

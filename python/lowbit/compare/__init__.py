@@ -5,7 +5,7 @@
 """
 
 from .api import compare
-from .configs import DEFAULT_CONFIGS, PRESETS
+from .presets import DEFAULT_CONFIGS, PRESETS
 from .report import ConfigResult, LayerError, MixProposal, Report
 
 __all__ = ["compare", "Report", "ConfigResult", "LayerError", "MixProposal", "PRESETS", "DEFAULT_CONFIGS"]

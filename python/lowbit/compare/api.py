@@ -6,17 +6,24 @@ import datetime
 import gc
 import math
 import platform
+from dataclasses import dataclass, field
 
 import torch
+import transformers
 
-from . import configs as config_names
-from ._optional import require
-from .data import DEFAULT_PROMPTS, default_text, strided_windows
-from .evaluate import evaluate_against, evaluate_reference, generate, layer_errors, measure_speed
-from .mixed import propose
+from .._native import build_info
+from ..config import LowbitConfig
 from ..nn import module_nbytes
-from .models import footprint, load_full_precision, quantized_copy
-from .report import ConfigResult, LayerError, Report
+from ._optional import require
+from .data import DEFAULT_PROMPTS, Window, default_text, strided_windows
+from .evaluate import (
+    Evaluation, Generation, Speed, WindowOutput,
+    evaluate_against, evaluate_reference, generate, layer_errors, measure_speed,
+)  # fmt: skip
+from .mixed import propose
+from .models import Footprint, LoadedModel, footprint, load_full_precision, quantized_copy
+from .presets import PRESETS, describe, resolve
+from .report import ConfigResult, LayerError, MixProposal, Report
 
 # Defaults sized so the built-in SmolLM2 run over five configs takes a few minutes on a
 # 2-core CPU; every figure in the report states the token count it was measured on.
@@ -69,142 +76,235 @@ def compare(
     max_ppl_increase: a relative perplexity budget (0.01 = 1%); the report then proposes a
         mixed-precision config from the per-layer errors, measures it and says whether it met it.
     """
-    named = config_names.resolve(configs)
+    named = resolve(configs)
     if max_ppl_increase is not None and not sensitivity:
         raise ValueError("max_ppl_increase needs the per-layer errors: leave sensitivity=True")
-    prompts = list(DEFAULT_PROMPTS if prompts is None else prompts)
-    tqdm = require("tqdm", "the progress bar").tqdm if progress else None
+    tqdm = require("tqdm", "the progress bar").tqdm if progress else None  # before the slow load: fail fast
 
     loaded = load_full_precision(model_or_path, tokenizer, device)
-    model, tok = loaded.model, loaded.tokenizer
-    dev = next(model.parameters()).device
     if text is None:
         text, text_source = default_text(), text_source or "CPython's pydoc_data.topics"
-    ids = torch.tensor(tok(text).input_ids[:max_tokens], device=dev)
-    windows = strided_windows(len(ids), context, stride)
-    # Per-layer errors need a backward pass; the first window's activations are enough
-    # to rank layers and keep the run short.
-    sensitivity_windows = windows[:SENSITIVITY_WINDOWS]
-    sensitivity_tokens = sum(w.scored for w in sensitivity_windows)
+    ids, windows = _tokenize_into_windows(loaded, text, max_tokens, context, stride)
+    bench = _Bench(
+        model=loaded.model,
+        tokenizer=loaded.tokenizer,
+        device=loaded.device,
+        text_source=text_source or "the given text",
+        ids=ids,
+        context=context,
+        stride=stride,
+        windows=windows,
+        # Per-layer errors need a backward pass; the first window's activations are enough
+        # to rank layers and keep the run short.
+        sensitivity_windows=windows[:SENSITIVITY_WINDOWS] if sensitivity else [],
+        prompts=list(DEFAULT_PROMPTS if prompts is None else prompts),
+        new_tokens=new_tokens,
+        timing=timing,
+    )
+    if tqdm is not None:
+        total = bench.steps_per_config * (len(named) + 1) - len(bench.sensitivity_windows)  # none for full precision
+        bench.progress = tqdm(total=total, desc="full precision", unit="step")
 
-    per_config = len(windows) + (len(sensitivity_windows) if sensitivity else 0) + len(prompts) + (1 if timing else 0) + 1
-    bar = tqdm(total=per_config * (len(named) + 1), desc="full precision", unit="step") if tqdm else None
+    baseline = _measure_full_precision(bench, loaded.load_seconds)
+    measured = [
+        _measure_config(bench, baseline, name, PRESETS[name][0] if name in PRESETS else describe(config), config)
+        for name, config in named.items()
+    ]
+    proposal, mixed = None, []
+    if max_ppl_increase is not None:
+        proposal, mixed = _propose_and_measure_mix(bench, baseline, measured, max_ppl_increase)
+    bench.progress.close()
+    return _assemble_report(loaded, bench, baseline, [baseline.result, *measured, *mixed], proposal)
 
-    def step(n=1):
-        if bar is not None:
-            bar.update(n)
 
-    def phase(name):
-        if bar is not None:
-            bar.set_description(name)
+class _NoProgress:
+    """Stands in for the tqdm bar when progress is off (tqdm is an optional dependency)."""
 
-    reference, ref_outputs = evaluate_reference(model, ids, windows, bar)
-    full_prints = footprint(model)
-    full = ConfigResult(
+    total = 0
+
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def set_description(self, desc: str) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+@dataclass
+class _Bench:
+    """The full-precision model and what every config is measured on with it."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    device: torch.device
+    text_source: str
+    ids: torch.Tensor  # the evaluation tokens, on the model's device
+    context: int
+    stride: int
+    windows: list[Window]
+    sensitivity_windows: list[Window]  # where per-layer errors are measured; empty to skip them
+    prompts: list[str]
+    new_tokens: int
+    timing: bool
+    progress: object = field(default_factory=_NoProgress)  # a tqdm bar, or a stand-in doing nothing
+
+    @property
+    def sensitivity_tokens(self) -> int:
+        return sum(w.scored for w in self.sensitivity_windows)
+
+    @property
+    def steps_per_config(self) -> int:
+        """Progress steps of one config: its windows, per-layer windows, prompts, timing and quantization."""
+        return len(self.windows) + len(self.sensitivity_windows) + len(self.prompts) + int(self.timing) + 1
+
+    def generate(self, model, reference=None) -> list[Generation]:
+        """The prompts' greedy generations by `model`, marked where they diverge from `reference`'s."""
+        return generate(model, self.tokenizer, self.prompts, self.new_tokens, self.device, reference=reference)
+
+    def speed(self, model) -> Speed | None:
+        """Prefill and decode times, or None when timing is off."""
+        return measure_speed(model, self.ids[:SPEED_PROMPT_TOKENS], SPEED_DECODE_STEPS) if self.timing else None
+
+
+@dataclass
+class _Baseline:
+    """Full precision's measurements, which every quantized config is compared with."""
+
+    result: ConfigResult
+    evaluation: Evaluation
+    outputs: list[WindowOutput]  # per window: the logits and hidden states agreement is measured against
+    footprint: Footprint
+
+
+def _tokenize_into_windows(
+    loaded: LoadedModel, text: str, max_tokens: int, context: int, stride: int
+) -> tuple[torch.Tensor, list[Window]]:
+    """The first `max_tokens` tokens of `text` on the model's device, and the strided windows scoring them."""
+    ids = torch.tensor(loaded.tokenizer(text).input_ids[:max_tokens], device=loaded.device)
+    return ids, strided_windows(len(ids), context, stride)
+
+
+def _measure_full_precision(bench: _Bench, load_seconds: float) -> _Baseline:
+    """Perplexity, memory, speed and generations of the unquantized model, keeping its outputs."""
+    model, progress = bench.model, bench.progress
+    evaluation, outputs = evaluate_reference(model, bench.ids, bench.windows, progress)
+    prints = footprint(model)
+    result = ConfigResult(
         name="full",
         description=f"{str(next(model.parameters()).dtype).removeprefix('torch.')}, not quantized",
         config={},
-        quantize_seconds=loaded.load_seconds,
-        linear_bytes=full_prints.linear_bytes,
-        total_bytes=full_prints.total_bytes,
+        quantize_seconds=load_seconds,
+        linear_bytes=prints.linear_bytes,
+        total_bytes=prints.total_bytes,
         linear_ratio=1.0,
         total_ratio=1.0,
-        perplexity=reference.perplexity,
+        perplexity=evaluation.perplexity,
         ppl_change=0.0,
         agreement=None,
-        speed=measure_speed(model, ids[:SPEED_PROMPT_TOKENS], SPEED_DECODE_STEPS) if timing else None,
-        generations=generate(model, tok, prompts, new_tokens, dev),
+        speed=bench.speed(model),
+        generations=bench.generate(model),
     )
-    step(len(prompts) + int(timing) + 1)  # the windows counted themselves; +1 stands for the load
+    progress.update(len(bench.prompts) + int(bench.timing) + 1)  # the windows counted themselves; +1 stands for the load
+    return _Baseline(result, evaluation, outputs, prints)
 
-    def measure(name, description, config) -> ConfigResult:
-        phase(f"{name}: quantize")
-        quantized, seconds = quantized_copy(model, config)
-        step()
-        phase(f"{name}: perplexity")
-        evaluation, agreement = evaluate_against(quantized, ids, windows, ref_outputs, bar)
-        layers = []
-        if sensitivity:
-            phase(f"{name}: per-layer")
-            errors = layer_errors(model, quantized, ids, sensitivity_windows, bar)
-            full_modules, q_modules = dict(model.named_modules()), dict(quantized.named_modules())
-            layers = [
-                LayerError(
-                    name=n,
-                    scheme=config.scheme_for(n),
-                    rel_error=e.rel_error,
-                    est_ppl_change=math.expm1(e.est_nll / sensitivity_tokens),
-                    bytes=module_nbytes(q_modules[n]),
-                    full_bytes=module_nbytes(full_modules[n]),
-                )
-                for n, e in errors.items()
-            ]
-        phase(f"{name}: generate")
-        generations = generate(quantized, tok, prompts, new_tokens, dev, reference=full.generations)
-        step(len(prompts))
-        speed = None
-        if timing:
-            phase(f"{name}: timing")
-            speed = measure_speed(quantized, ids[:SPEED_PROMPT_TOKENS], SPEED_DECODE_STEPS)
-            step()
-        prints = footprint(quantized)
-        del quantized
-        _free(dev)
-        return ConfigResult(
+
+def _measure_config(bench: _Bench, baseline: _Baseline, name: str, description: str, config) -> ConfigResult:
+    """Quantize a copy of the model with `config` and measure it against full precision."""
+    progress = bench.progress
+    progress.set_description(f"{name}: quantize")
+    quantized, seconds = quantized_copy(bench.model, config)
+    progress.update()
+    progress.set_description(f"{name}: perplexity")
+    evaluation, agreement = evaluate_against(quantized, bench.ids, bench.windows, baseline.outputs, progress)
+    layers = []
+    if bench.sensitivity_windows:
+        progress.set_description(f"{name}: per-layer")
+        layers = _layer_errors(bench, quantized, config)
+    progress.set_description(f"{name}: generate")
+    generations = bench.generate(quantized, reference=baseline.result.generations)
+    progress.update(len(bench.prompts))
+    speed = None
+    if bench.timing:
+        progress.set_description(f"{name}: timing")
+        speed = bench.speed(quantized)
+        progress.update()
+    prints = footprint(quantized)
+    del quantized
+    _free(bench.device)
+    linear_ratio, total_ratio = prints.ratio(baseline.footprint)
+    return ConfigResult(
+        name=name,
+        description=description,
+        config=config_fields(config),
+        quantize_seconds=seconds,
+        linear_bytes=prints.linear_bytes,
+        total_bytes=prints.total_bytes,
+        linear_ratio=linear_ratio,
+        total_ratio=total_ratio,
+        perplexity=evaluation.perplexity,
+        ppl_change=evaluation.perplexity / baseline.evaluation.perplexity - 1,
+        agreement=agreement,
+        speed=speed,
+        generations=generations,
+        layers=layers,
+    )
+
+
+def _layer_errors(bench: _Bench, quantized: torch.nn.Module, config) -> list[LayerError]:
+    """Each quantized layer's own output error and estimated perplexity cost, on the sensitivity windows."""
+    errors = layer_errors(bench.model, quantized, bench.ids, bench.sensitivity_windows, bench.progress)
+    full_modules, quantized_modules = dict(bench.model.named_modules()), dict(quantized.named_modules())
+    return [
+        LayerError(
             name=name,
-            description=description,
-            config=config_fields(config),
-            quantize_seconds=seconds,
-            linear_bytes=prints.linear_bytes,
-            total_bytes=prints.total_bytes,
-            linear_ratio=prints.ratio(full_prints)[0],
-            total_ratio=prints.ratio(full_prints)[1],
-            perplexity=evaluation.perplexity,
-            ppl_change=evaluation.perplexity / reference.perplexity - 1,
-            agreement=agreement,
-            speed=speed,
-            generations=generations,
-            layers=layers,
+            scheme=config.scheme_for(name),
+            rel_error=error.rel_error,
+            est_ppl_change=math.expm1(error.est_nll / bench.sensitivity_tokens),
+            bytes=module_nbytes(quantized_modules[name]),
+            full_bytes=module_nbytes(full_modules[name]),
         )
+        for name, error in errors.items()
+    ]
 
-    results = [full]
-    for name, config in named.items():
-        description = config_names.PRESETS[name][0] if name in config_names.PRESETS else config_names.describe(config)
-        results.append(measure(name, description, config))
 
-    proposal = None
-    if max_ppl_increase is not None:
-        proposal = propose(results[1:], max_ppl_increase)
-        if proposal.promoted:
-            if bar is not None:
-                bar.total += per_config
-            from lowbit import LowbitConfig
+def _propose_and_measure_mix(
+    bench: _Bench, baseline: _Baseline, measured: list[ConfigResult], budget: float
+) -> tuple[MixProposal, list[ConfigResult]]:
+    """Propose a precision mix meeting `budget` from the measured configs' per-layer errors, and
+    measure it. Returns the proposal, with its verdict, and the mix's result: none when no layer
+    needs promoting, since the proposal is then a config already measured."""
+    proposal = propose(measured, budget)
+    if proposal.promoted:
+        bench.progress.total += bench.steps_per_config
+        high = next(iter(proposal.overrides.values()))
+        description = f"{proposal.base} with {proposal.promoted} layer(s) in {'full precision' if high == 'none' else high}"
+        mix = _measure_config(bench, baseline, "mixed", description, LowbitConfig(**proposal.config))
+        new_results = [mix]
+    else:  # the 4-bit base already fits: it is the proposal
+        mix = next(r for r in measured if r.name == proposal.base)
+        new_results = []
+    proposal.result, proposal.measured_change = mix.name, mix.ppl_change
+    return proposal, new_results
 
-            high = next(iter(proposal.overrides.values()))
-            mixed = measure(
-                "mixed",
-                f"{proposal.base} with {proposal.promoted} layer(s) in {'full precision' if high == 'none' else high}",
-                LowbitConfig(**proposal.config),
-            )
-            results.append(mixed)
-        else:  # the 4-bit base already fits: it is the proposal
-            mixed = next(r for r in results if r.name == proposal.base)
-        proposal.result, proposal.measured_change = mixed.name, mixed.ppl_change
-    if bar is not None:
-        bar.close()
 
+def _assemble_report(
+    loaded: LoadedModel, bench: _Bench, baseline: _Baseline, results: list[ConfigResult], proposal: MixProposal | None
+) -> Report:
+    """The report: what was measured, on what and where, and the results with full precision first."""
     return Report(
         model=loaded.name,
         model_note=loaded.note,
-        device=_device_name(dev),
+        device=_device_name(bench.device),
         date=datetime.date.today().isoformat(),
         versions=_versions(),
-        text_source=text_source or "the given text",
-        tokens=reference.tokens,
-        context=context,
-        stride=stride,
-        windows=len(windows),
-        sensitivity_tokens=sensitivity_tokens if sensitivity else 0,
+        text_source=bench.text_source,
+        tokens=baseline.evaluation.tokens,
+        context=bench.context,
+        stride=bench.stride,
+        windows=len(bench.windows),
+        sensitivity_tokens=bench.sensitivity_tokens,
         results=results,
         proposal=proposal,
     )
@@ -223,12 +323,8 @@ def _device_name(device: torch.device) -> str:
 
 
 def _versions() -> dict[str, str]:
-    import transformers
-
-    import lowbit
-
     return {
-        "lowbit": getattr(lowbit, "__version__", "unknown"),
+        "lowbit": build_info()["version"],
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "python": platform.python_version(),

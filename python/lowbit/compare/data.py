@@ -17,7 +17,7 @@ def default_text() -> str:
     Topics are joined in sorted order so the text (and every figure measured on it) is
     the same from run to run on a given Python version.
     """
-    from pydoc_data.topics import topics
+    from pydoc_data.topics import topics  # half a megabyte of text: loaded only when it is used
 
     return "\n\n".join(topics[key] for key in sorted(topics))
 

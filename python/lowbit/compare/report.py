@@ -1,21 +1,16 @@
-"""The comparison report: its data, and its renderings (terminal, DataFrame, JSON, CSV,
-Markdown, HTML). Every rendering reads the same `summary_rows()` so they cannot drift apart."""
+"""The comparison report's data: one `ConfigResult` per measured config, and the views every
+rendering reads. The renderings themselves are in `render.py` and `plots.py`; the `Report`
+methods that produce them delegate there."""
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import html
-import io
-import json
 import os
 from dataclasses import dataclass, field
 
-from ._optional import require
+from . import plots, render
 from .evaluate import Generation, Speed
 from .metrics import Agreement
-
-MB = 1e6
 
 
 @dataclass
@@ -138,99 +133,10 @@ class Report:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self) | {"summary": self.summary_rows()}
 
-    def to_json(self, path=None, indent=2) -> str:
-        text = json.dumps(self.to_dict(), indent=indent, ensure_ascii=False)
-        if path is not None:
-            _write(path, text)
-        return text
-
-    def to_csv(self, path=None, sensitivity=False) -> str:
-        """The summary table (or, with `sensitivity=True`, one row per config × layer) as CSV."""
-        rows = self.sensitivity_rows() if sensitivity else self.summary_rows()
-        buffer = io.StringIO()
-        if rows:
-            writer = csv.DictWriter(buffer, fieldnames=list(rows[0]), lineterminator="\n")
-            writer.writeheader()
-            writer.writerows(rows)
-        if path is not None:
-            _write(path, buffer.getvalue())
-        return buffer.getvalue()
-
-    def to_dataframe(self, sensitivity=False):
-        """A pandas DataFrame of the summary (or of the per-layer errors), one row per config."""
-        pd = require("pandas", "DataFrames")
-        frame = pd.DataFrame(self.sensitivity_rows() if sensitivity else self.summary_rows())
-        return frame if sensitivity else frame.set_index("config")
-
-    # ---- formatted tables -------------------------------------------------------------
-    def display_table(self) -> tuple[list[str], list[list[str]]]:
-        """Header and formatted cells of the summary table, shared by every text rendering."""
-        header = [
-            "config", "linear MB (×fp)", "model MB (×fp)", "quant s", "perplexity (Δ)", "KL mean",
-            "KL p99", "top-1", "top-5", "logits err", "hidden err", "prefill ms", "decode ms/tok",
-        ]  # fmt: skip
-        cells = []
-        for row in self.summary_rows():
-            cells.append(
-                [
-                    row["config"],
-                    f"{row['linear_bytes'] / MB:.1f} (×{row['linear_ratio']:.2f})",
-                    f"{row['total_bytes'] / MB:.1f} (×{row['total_ratio']:.2f})",
-                    _fmt(row["quantize_s"], "{:.2f}"),
-                    f"{row['perplexity']:.3f} ({row['ppl_change']:+.2%})",
-                    _fmt(row["kl_mean"], "{:.4f}"),
-                    _fmt(row["kl_p99"], "{:.4f}"),
-                    _fmt(row["top1"], "{:.1%}"),
-                    _fmt(row["top5"], "{:.1%}"),
-                    _fmt(row["logits_rel_error"], "{:.2%}"),
-                    _fmt(row["hidden_rel_error"], "{:.2%}"),
-                    _fmt(row["prefill_ms"], "{:.1f}"),
-                    _fmt(row["decode_ms_per_token"], "{:.1f}"),
-                ]
-            )
-        return header, cells
-
     def sensitivity_results(self) -> list[ConfigResult]:
         """Configs with per-layer errors, less the proposed mix (its layers are a subset of its base's)."""
         mix = self.proposal.result if self.proposal else None
         return [r for r in self.results if r.layers and r.name != mix]
-
-    def sensitivity_table(self, top: int = 10) -> tuple[list[str], list[list[str]]]:
-        """The `top` layers with the largest estimated cost under any config; each cell is
-        'relative output error / estimated perplexity change were only this layer quantized'."""
-        quantized = self.sensitivity_results()
-        by_layer: dict[str, dict[str, LayerError]] = {}
-        for r in quantized:
-            for layer in r.layers:
-                by_layer.setdefault(layer.name, {})[r.name] = layer
-        worst = sorted(by_layer, key=lambda n: max(e.est_ppl_change for e in by_layer[n].values()), reverse=True)
-        header = ["layer"] + [r.name for r in quantized]
-        cells = []
-        for name in worst[:top]:
-            row = [name]
-            for r in quantized:
-                e = by_layer[name].get(r.name)
-                row.append("—" if e is None else f"{e.rel_error:.1%} / {e.est_ppl_change:+.2%}")
-            cells.append(row)
-        return header, cells
-
-    def proposal_lines(self) -> list[str]:
-        p = self.proposal
-        if p is None:
-            return []
-        lines = [
-            f"Budget: perplexity +{p.budget:.2%} at most. Proposed: {p.base} with {p.promoted} "
-            f"layer(s) in higher precision, predicted {p.predicted_change:+.2%}.",
-        ]
-        lines += [f"  {pattern!r}: {scheme}" for pattern, scheme in p.overrides.items()]
-        if p.measured_change is not None:
-            verdict = "MET" if p.met else "MISSED"
-            result = self[p.result]
-            lines.append(
-                f"Measured ({p.result}): {p.measured_change:+.2%} → budget {verdict}; linear weights "
-                f"{result.linear_bytes / MB:.1f} MB (×{result.linear_ratio:.2f} of full precision)."
-            )
-        return lines
 
     def generation_blocks(self) -> list[tuple[str, list[tuple[str, Generation]]]]:
         """Per prompt: (prompt, [(config name, generation)]) with full precision first."""
@@ -239,107 +145,47 @@ class Report:
             blocks.append((gen.prompt, [(r.name, r.generations[i]) for r in self.results if r.generations]))
         return blocks
 
-    # ---- renderings -------------------------------------------------------------------
+    # ---- renderings, in render.py and plots.py ----------------------------------------
+    def display_table(self) -> tuple[list[str], list[list[str]]]:
+        return render.display_table(self)
+
+    def sensitivity_table(self, top: int = 10) -> tuple[list[str], list[list[str]]]:
+        return render.sensitivity_table(self, top)
+
+    def proposal_lines(self) -> list[str]:
+        return render.proposal_lines(self)
+
     def to_markdown(self, path=None, top_layers: int = 10) -> str:
-        out = ["# lowbit compare", "", self.setup + ".", ""]
-        if self.model_note:
-            out += [f"Note: {self.model_note}.", ""]
-        out += _md_table(*self.display_table()) + [""]
-        out += [_COLUMN_NOTES, ""]
-        if any(r.layers for r in self.results):
-            out += [f"## Most sensitive layers (top {top_layers})", "", _SENSITIVITY_NOTE.format(self.sensitivity_tokens), ""]
-            out += _md_table(*self.sensitivity_table(top_layers)) + [""]
-        if self.proposal:
-            out += ["## Mixed precision", ""] + [line.strip() + "  " for line in self.proposal_lines()] + [""]
-        blocks = self.generation_blocks()
-        if blocks:
-            out += ["## Greedy generations", "", "`⟦` marks the first token that differs from full precision.", ""]
-            for prompt, gens in blocks:
-                out += [f"**{prompt}**", ""]
-                out += [f"- *{name}*: {_marked(g, '⟦')}".replace("\n", " ") for name, g in gens] + [""]
-        text = "\n".join(out)
-        if path is not None:
-            _write(path, text)
-        return text
+        return render.to_markdown(self, path, top_layers)
 
     def _repr_html_(self) -> str:
-        def table(header, cells):
-            head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
-            body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in cells)
-            return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
-
-        parts = [f"<p>{html.escape(self.setup)}</p>"]
-        if self.model_note:
-            parts.append(f"<p><i>Note: {html.escape(self.model_note)}.</i></p>")
-        parts.append(table(*self.display_table()))
-        if any(r.layers for r in self.results):
-            note = html.escape(_SENSITIVITY_NOTE.format(self.sensitivity_tokens))
-            parts += [f"<p><b>Most sensitive layers</b><br>{note}</p>", table(*self.sensitivity_table())]
-        if self.proposal:
-            parts.append("<p><b>Mixed precision</b><br>" + "<br>".join(map(html.escape, self.proposal_lines())) + "</p>")
-        for prompt, gens in self.generation_blocks():
-            rows = "".join(
-                f"<tr><td>{html.escape(name)}</td><td>{_marked(g, html_mark=True)}</td></tr>" for name, g in gens
-            )
-            parts.append(f"<p><b>{html.escape(prompt)}</b></p><table>{rows}</table>")
-        return "\n".join(parts)
+        return render.to_html(self)
 
     def __rich__(self):
-        rich_table = require("rich.table", "the terminal table")
-        from rich.console import Group
-        from rich.text import Text
-
-        def table(title, header, cells, columns):
-            t = rich_table.Table(title=title, title_justify="left", header_style="bold")
-            for i in columns:
-                t.add_column(header[i], justify="left" if i == 0 else "right", no_wrap=i == 0)
-            for row in cells:
-                t.add_row(*(row[i] for i in columns))
-            return t
-
-        parts = [Text(self.setup, style="bold")]
-        if self.model_note:
-            parts.append(Text(f"Note: {self.model_note}.", style="italic"))
-        # The summary is split in two so each half fits an 80-column terminal.
-        header, cells = self.display_table()
-        parts.append(table("Memory and speed", header, cells, [0, 1, 2, 3, 11, 12]))
-        parts.append(table("Accuracy against full precision", header, cells, [0, 4, 5, 6, 7, 8, 9, 10]))
-        parts.append(Text(_COLUMN_NOTES, style="dim"))
-        if any(r.layers for r in self.results):
-            header, cells = self.sensitivity_table()
-            parts.append(table("Most sensitive layers (err / Δppl)", header, cells, range(len(header))))
-            parts.append(Text(_SENSITIVITY_NOTE.format(self.sensitivity_tokens), style="dim"))
-        if self.proposal:
-            parts.append(Text("Mixed precision\n" + "\n".join(self.proposal_lines())))
-        for prompt, gens in self.generation_blocks():
-            block = Text(f"\n{prompt}\n", style="bold")
-            for name, g in gens:
-                split = len(g.text) if g.diverges_at_char is None else g.diverges_at_char
-                block.append(f"  {name:>10}: ", style="cyan")
-                block.append(g.text[:split].replace("\n", " "))
-                block.append(g.text[split:].replace("\n", " "), style="red")
-                block.append("\n")
-            parts.append(block)
-        return Group(*parts)
+        return render.to_rich(self)
 
     def print(self, file=None) -> None:
         """Render to the terminal (stdout unless `file` is given) with rich."""
-        console = require("rich.console", "the terminal table").Console(file=file)
-        if not console.is_terminal:  # a file or pipe has no width to respect: avoid wrapping cells
-            console.width = 160
-        console.print(self)
+        render.print_report(self, file)
 
-    # ---- plots and files --------------------------------------------------------------
+    def to_json(self, path=None, indent=2) -> str:
+        return render.to_json(self, path, indent)
+
+    def to_csv(self, path=None, sensitivity=False) -> str:
+        """The summary table (or, with `sensitivity=True`, one row per config × layer) as CSV."""
+        return render.to_csv(self, path, sensitivity)
+
+    def to_dataframe(self, sensitivity=False):
+        """A pandas DataFrame of the summary (or of the per-layer errors), one row per config."""
+        return render.to_dataframe(self, sensitivity)
+
     def plot_tradeoff(self, path=None):
-        from .plots import plot_tradeoff
-
-        return plot_tradeoff(self, path)
+        return plots.plot_tradeoff(self, path)
 
     def plot_sensitivity(self, path=None, top: int = 20):
-        from .plots import plot_sensitivity
+        return plots.plot_sensitivity(self, path, top)
 
-        return plot_sensitivity(self, path, top)
-
+    # ---- files ------------------------------------------------------------------------
     def save(self, directory) -> dict[str, str]:
         """Write report.md, report.json, summary.csv, sensitivity.csv and both plots; return their paths."""
         os.makedirs(directory, exist_ok=True)
@@ -354,42 +200,3 @@ class Report:
         self.plot_tradeoff(paths["tradeoff.png"])
         self.plot_sensitivity(paths["sensitivity.png"])
         return paths
-
-
-_COLUMN_NOTES = (
-    "linear = the linear layers quantization shrinks; model = all weights. "
-    "KL = KL(full ‖ quantized) per next-token distribution, nats. top-1 = same argmax as full precision; "
-    "top-5 = overlap of the top-5 sets. err = ‖quantized − full‖ / ‖full‖ of final logits / last hidden state. "
-    "prefill/decode: median wall time on the device above."
-)
-
-
-_SENSITIVITY_NOTE = (
-    "Each cell: err / Δppl. err = each layer's relative output error, fed full-precision activations ({} tokens); "
-    "Δppl = its gradient-weighted (Fisher) estimate of the perplexity change were only that layer quantized."
-)
-
-
-def _fmt(value, spec: str) -> str:
-    return "—" if value is None else spec.format(value)
-
-
-def _md_table(header, cells) -> list[str]:
-    def row(values):
-        return "| " + " | ".join(str(v).replace("|", "\\|") for v in values) + " |"
-
-    return [row(header), "|" + "---|" * len(header)] + [row(r) for r in cells]
-
-
-def _marked(g: Generation, marker: str = "", html_mark: bool = False) -> str:
-    """The generation with its diverging part marked (by `marker`, or <mark> in HTML)."""
-    split = len(g.text) if g.diverges_at_char is None else g.diverges_at_char
-    head, tail = g.text[:split], g.text[split:]
-    if html_mark:
-        return html.escape(head) + (f"<mark>{html.escape(tail)}</mark>" if tail else "")
-    return head + (marker + tail if g.diverges_at_char is not None else "")
-
-
-def _write(path, text: str) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(text)

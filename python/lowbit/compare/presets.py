@@ -4,40 +4,35 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 
+from ..config import LowbitConfig
+from ..schemes import SCHEMES, Scheme
 
-def _config(**kwargs):
-    from lowbit import LowbitConfig  # the core package; imported late so metrics work without it
+def _variants(scheme: Scheme):
+    """The report's other points of a scheme: (name suffix, description suffix, config changes)."""
+    if scheme.layer.bits == 8:
+        yield "-t0", ", no outlier columns (threshold 0)", dict(llm_int8_threshold=0.0)
+    else:
+        yield "-dq", " + double-quantized scales", dict(bnb_4bit_use_double_quant=True)
 
-    return LowbitConfig(**kwargs)
 
-
-# name → (description, LowbitConfig kwargs). The first five are the default set.
-PRESETS: dict[str, tuple[str, dict]] = {
-    "int8": ("LLM.int8(), outlier threshold 6.0", dict(load_in_8bit=True, llm_int8_threshold=6.0)),
-    "int8-t0": ("int8, no outlier columns (threshold 0)", dict(load_in_8bit=True, llm_int8_threshold=0.0)),
-    "nf4": ("4-bit NormalFloat, blocksize 64", dict(load_in_4bit=True, bnb_4bit_quant_type="nf4")),
-    "nf4-dq": (
-        "nf4 + double-quantized scales",
-        dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True),
-    ),
-    "fp4": ("4-bit float, blocksize 64", dict(load_in_4bit=True, bnb_4bit_quant_type="fp4")),
-    "fp4-dq": (
-        "fp4 + double-quantized scales",
-        dict(load_in_4bit=True, bnb_4bit_quant_type="fp4", bnb_4bit_use_double_quant=True),
-    ),
-}
+# name → (description, LowbitConfig kwargs): every scheme of lowbit.schemes, then its variants.
+PRESETS: dict[str, tuple[str, dict]] = {}
+for _scheme in SCHEMES.values():
+    PRESETS[_scheme.name] = (_scheme.description, _scheme.config)
+    for _suffix, _description, _changes in _variants(_scheme):
+        PRESETS[_scheme.name + _suffix] = (_scheme.name + _description, {**_scheme.config, **_changes})
 DEFAULT_CONFIGS = ("int8", "int8-t0", "nf4", "nf4-dq", "fp4")
 
 
-def preset(name: str):
+def preset(name: str) -> LowbitConfig:
     """The LowbitConfig for a preset name (see :data:`PRESETS`)."""
     try:
-        return _config(**PRESETS[name][1])
+        return LowbitConfig(**PRESETS[name][1])
     except KeyError:
         raise ValueError(f"unknown config {name!r}; choose from {', '.join(PRESETS)}") from None
 
 
-def resolve(configs) -> dict[str, object]:
+def resolve(configs) -> dict[str, LowbitConfig]:
     """Normalise the `configs` argument of `compare` into an ordered {name: LowbitConfig}.
 
     Accepts None (the default set), a comma-separated string of preset names, a mapping
@@ -63,11 +58,10 @@ def resolve(configs) -> dict[str, object]:
 
 def describe(config) -> str:
     """A short name for a config object, e.g. 'nf4-dq' or 'int8-t0+3 overrides'."""
-    if config.load_in_8bit:
-        name = "int8" if config.llm_int8_threshold == 6.0 else f"int8-t{config.llm_int8_threshold:g}"
-    elif config.load_in_4bit:
-        name = config.bnb_4bit_quant_type + ("-dq" if config.bnb_4bit_use_double_quant else "")
-    else:
-        name = "unquantized"
+    name = config.default_scheme or "unquantized"
+    if config.load_in_8bit and config.llm_int8_threshold != 6.0:
+        name += f"-t{config.llm_int8_threshold:g}"
+    if config.load_in_4bit and config.bnb_4bit_use_double_quant:
+        name += "-dq"
     overrides = getattr(config, "module_overrides", None)
     return f"{name}+{len(overrides)} overrides" if overrides else name
