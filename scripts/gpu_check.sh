@@ -12,5 +12,5 @@ fi
 (nvidia-smi || true) >"$OUT/nvidia-smi.txt" 2>&1
 python3 -m pip install --no-build-isolation --no-deps -e . >"$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
 python3 -c "import json, lowbit, torch; print(json.dumps({**lowbit.build_info(), 'torch_runtime': torch.__version__, 'gpu': torch.cuda.get_device_name() if torch.cuda.is_available() else None}))" | tee "$OUT/build_info.json"
-python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_ops.py tests/test_nn.py tests/test_config_and_quantize.py \
+python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_ops.py tests/test_fallback.py tests/test_nn.py tests/test_config_and_quantize.py \
   tests/test_transformers.py 2>&1 | tee "$OUT/pytest.log" | tail -25
