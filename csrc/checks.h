@@ -1,6 +1,8 @@
 // The argument checks the per-op validators (validate.h) are made of. Each raises a Python
 // ValueError/TypeError naming the op and the argument, so a bad call through torch.ops.lowbit.* is
-// stopped, on any device, before a kernel runs.
+// stopped, on any device, before a kernel runs. Sizes are read as SymInts: the same checks run in the
+// Meta kernels, where torch.compile may trace with symbolic sizes (a check on a symbolic size becomes a
+// runtime assertion of the compiled graph instead of a guard).
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -39,9 +41,15 @@ inline void check_same_device(const at::Tensor& a, const at::Tensor& b, const ch
                     a.device());
 }
 
-inline void check_numel(const at::Tensor& t, int64_t expected, const char* op, const char* name) {
-  TORCH_CHECK_VALUE(t.numel() == expected, op, ": ", name, " has ", t.numel(), " elements, expected ", expected,
-                    " (does it belong to this weight?)");
+// A ValueError unless `cond` (a SymBool over sizes) holds.
+#define LOWBIT_CHECK_SIZES(cond, ...) TORCH_CHECK_VALUE((cond).expect_true(__FILE__, __LINE__), __VA_ARGS__)
+
+// Blocks of `blocksize` elements covering n elements (the last one may be partial).
+inline c10::SymInt n_blocks(const c10::SymInt& n, int64_t blocksize) { return (n + (blocksize - 1)) / blocksize; }
+
+inline void check_numel(const at::Tensor& t, const c10::SymInt& expected, const char* op, const char* name) {
+  LOWBIT_CHECK_SIZES(t.sym_numel().sym_eq(expected), op, ": ", name, " has ", t.sym_numel(), " elements, expected ",
+                     expected, " (does it belong to this weight?)");
 }
 
 inline void check_out_dtype(at::ScalarType dtype, const char* op) {
@@ -59,13 +67,14 @@ inline void check_at_least_1d(const at::Tensor& t, const char* op, const char* n
 }
 
 // The bias of a linear op: float, on x's device, [out_features].
-inline void check_bias(const std::optional<at::Tensor>& bias, const at::Tensor& x, int64_t out_features,
+inline void check_bias(const std::optional<at::Tensor>& bias, const at::Tensor& x, const c10::SymInt& out_features,
                        const char* op) {
   if (!bias.has_value()) return;
   check_float(*bias, op, "bias");
   check_same_device(x, *bias, op, "bias");
-  TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == out_features, op, ": bias must have shape [", out_features,
-                    "], got ", bias->sizes());
+  TORCH_CHECK_VALUE(bias->dim() == 1, op, ": bias must have shape [", out_features, "], got ", bias->sym_sizes());
+  LOWBIT_CHECK_SIZES(bias->sym_size(0).sym_eq(out_features), op, ": bias must have shape [", out_features, "], got ",
+                     bias->sym_sizes());
 }
 
 // Kernels find non-finite inputs while they scan them; every device reports them the same way.

@@ -1,5 +1,6 @@
 // Every lowbit operator schema, in one place. Device kernels live in csrc/<device>/ and register
-// themselves with TORCH_LIBRARY_IMPL; fake (meta) kernels and autograd are in python/lowbit/ops.py.
+// themselves with TORCH_LIBRARY_IMPL; the Meta kernels (what meta tensors and torch.compile's fake
+// tensors run) are in csrc/meta.cpp; autograd is in python/lowbit/ops.py.
 #include <torch/library.h>
 
 TORCH_LIBRARY(lowbit, m) {
@@ -13,10 +14,10 @@ TORCH_LIBRARY(lowbit, m) {
   m.def("quantize_blockwise(Tensor A, Tensor code, int blocksize) -> (Tensor, Tensor)");
   m.def("dequantize_blockwise(Tensor A, Tensor absmax, Tensor code, int blocksize, ScalarType dtype) -> Tensor");
 
-  // y = x @ dequant(W).T + bias without materializing dequant(W). W is [out_features, in_features]
-  // packed as quantize_4bit writes it. absmax is float32, or uint8 codes when double-quantized:
+  // y = x @ dequant(W).T + bias without materializing dequant(W). W is weight_shape = [out_features,
+  // in_features], packed as quantize_4bit writes it. absmax is float32, or uint8 codes when double-quantized:
   // then scale[b] = nested_code[absmax[b]] * nested_absmax[b / nested_blocksize] + nested_offset.
-  m.def("linear_4bit(Tensor x, Tensor packed, Tensor absmax, int blocksize, str quant_type, SymInt out_features, "
+  m.def("linear_4bit(Tensor x, Tensor packed, Tensor absmax, int blocksize, str quant_type, SymInt[] weight_shape, "
         "Tensor? bias=None, Tensor? nested_absmax=None, Tensor? nested_code=None, float nested_offset=0.0, "
         "int nested_blocksize=256) -> Tensor");
 

@@ -119,8 +119,8 @@ def test_linear_4bit_matches_reference(kernel_device, quant_type, double_quant, 
     packed, absmax, nested = _quantized(N, K, quant_type, blocksize, double_quant, kernel_device)
     x = torch.randn(M, K, device=kernel_device).to(dtype)
     bias = torch.randn(N, device=kernel_device).to(dtype)
-    out = ops.linear_4bit(x, packed, absmax, blocksize, quant_type, N, bias, nested)
-    ref = reference.linear_4bit(x, packed, absmax, blocksize, quant_type, N, bias, nested)
+    out = ops.linear_4bit(x, packed, absmax, blocksize, quant_type, (N, K), bias, nested)
+    ref = reference.linear_4bit(x, packed, absmax, blocksize, quant_type, (N, K), bias, nested)
     scales = absmax if nested is None else nested.decode(absmax)
     W = reference.dequantize_4bit(packed, scales, blocksize, quant_type, (N, K), torch.float64)
     exact = x.double() @ W.t() + bias.double()
@@ -130,14 +130,14 @@ def test_linear_4bit_matches_reference(kernel_device, quant_type, double_quant, 
 def test_linear_4bit_batched_input_shape(device):
     packed, absmax, _ = _quantized(8, 64, "nf4", 64, False, device)
     x = torch.randn(2, 3, 64, device=device)
-    out = ops.linear_4bit(x, packed, absmax, 64, "nf4", 8)
+    out = ops.linear_4bit(x, packed, absmax, 64, "nf4", (8, 64))
     assert out.shape == (2, 3, 8)
-    assert torch.equal(out, ops.linear_4bit(x.reshape(6, 64), packed, absmax, 64, "nf4", 8).reshape(2, 3, 8))
+    assert torch.equal(out, ops.linear_4bit(x.reshape(6, 64), packed, absmax, 64, "nf4", (8, 64)).reshape(2, 3, 8))
 
 
 def test_linear_4bit_empty_batch_and_zero_features(device):
     packed, absmax, _ = _quantized(8, 64, "nf4", 64, False, device)
-    assert ops.linear_4bit(torch.randn(0, 64, device=device), packed, absmax, 64, "nf4", 8).shape == (0, 8)
+    assert ops.linear_4bit(torch.randn(0, 64, device=device), packed, absmax, 64, "nf4", (8, 64)).shape == (0, 8)
     p0, a0 = ops.quantize_4bit(torch.empty(0, device=device), 64, "nf4")
     assert p0.shape == (0, 1) and a0.shape == (0,)
 
@@ -147,10 +147,10 @@ def test_linear_4bit_gradient_matches_reference(device):
     x = torch.randn(3, 128, device=device, requires_grad=True)
     bias = torch.randn(9, device=device, requires_grad=True)
     upstream = torch.randn(3, 9, device=device)  # a linear loss: the gradient does not depend on forward rounding
-    ops.linear_4bit(x, packed, absmax, 64, "nf4", 9, bias, nested).backward(upstream)
+    ops.linear_4bit(x, packed, absmax, 64, "nf4", (9, 128), bias, nested).backward(upstream)
     x_ref = x.detach().clone().requires_grad_()
     b_ref = bias.detach().clone().requires_grad_()
-    reference.linear_4bit(x_ref, packed, absmax, 64, "nf4", 9, b_ref, nested).backward(upstream)
+    reference.linear_4bit(x_ref, packed, absmax, 64, "nf4", (9, 128), b_ref, nested).backward(upstream)
     torch.testing.assert_close(x.grad, x_ref.grad)
     torch.testing.assert_close(bias.grad, b_ref.grad)
 
@@ -253,13 +253,13 @@ def test_opcheck_int8_quant_with_outliers(device):
                                      "nf4", (4, 8)), TypeError, "absmax must be Float"),
         ("dequantize_4bit", lambda: ops.dequantize_4bit(torch.zeros(16, 1, dtype=torch.uint8), torch.ones(1), 64, "nf4", (4, 8),
                                      torch.int32), TypeError, "output dtype"),
-        ("linear_4bit", lambda: ops.linear_4bit(torch.randn(2, 63), *ops.quantize_4bit(torch.randn(8, 64)), 64, "nf4", 8),
-         ValueError, "does x's last dimension match in_features"),
+        ("linear_4bit", lambda: ops.linear_4bit(torch.randn(2, 63), *ops.quantize_4bit(torch.randn(8, 64)), 64, "nf4", (8, 64)),
+         ValueError, r"x has 63 features but the weight is \[8, 64\]"),
         ("linear_4bit", lambda: ops.linear_4bit(torch.randn(2, 64), ops.quantize_4bit(torch.randn(8, 64))[0], torch.ones(7), 64,
-                                 "nf4", 8), ValueError, "absmax has 7 elements"),
+                                 "nf4", (8, 64)), ValueError, "absmax has 7 elements"),
         ("linear_4bit", lambda: ops.linear_4bit(torch.randn(2, 64), ops.quantize_4bit(torch.randn(8, 64))[0],
-                                 torch.zeros(8, dtype=torch.uint8), 64, "nf4", 8), ValueError, "needs nested_absmax"),
-        ("linear_4bit", lambda: ops.linear_4bit(torch.randn(2, 64), *ops.quantize_4bit(torch.randn(8, 64)), 64, "nf4", 8,
+                                 torch.zeros(8, dtype=torch.uint8), 64, "nf4", (8, 64)), ValueError, "needs nested_absmax"),
+        ("linear_4bit", lambda: ops.linear_4bit(torch.randn(2, 64), *ops.quantize_4bit(torch.randn(8, 64)), 64, "nf4", (8, 64),
                                  torch.randn(9)), ValueError, "bias must have shape"),
         ("int8_mm", lambda: ops.int8_mm(torch.zeros(2, 3, dtype=torch.int8), torch.zeros(2, 4, dtype=torch.int8)), ValueError,
          "same last dimension"),
@@ -284,7 +284,7 @@ def test_bad_input_raises_clear_error(device, op, call, error, match):
 def test_tensors_on_another_device_are_refused():
     x = torch.randn(2, 64, device="meta")
     with pytest.raises(ValueError, match="is on cpu but the input is on meta"):
-        ops.linear_4bit(x, *ops.quantize_4bit(torch.randn(8, 64)), 64, "nf4", 8)
+        ops.linear_4bit(x, *ops.quantize_4bit(torch.randn(8, 64)), 64, "nf4", (8, 64))
 
 
 def test_non_contiguous_inputs_are_handled(device):
@@ -293,8 +293,8 @@ def test_non_contiguous_inputs_are_handled(device):
         packed, absmax = ops.quantize_4bit(W, 64, "nf4")
         assert torch.equal(packed, ops.quantize_4bit(W.contiguous(), 64, "nf4")[0])
         x = torch.randn(64, 3).t()
-        out = ops.linear_4bit(x, packed, absmax, 64, "nf4", 32)
-        assert torch.equal(out, ops.linear_4bit(x.contiguous(), packed, absmax, 64, "nf4", 32))
+        out = ops.linear_4bit(x, packed, absmax, 64, "nf4", (32, 64))
+        assert torch.equal(out, ops.linear_4bit(x.contiguous(), packed, absmax, 64, "nf4", (32, 64)))
 
 
 def test_library_is_loaded_from_build_info():

@@ -14,6 +14,7 @@
 #include "cpu/isa.h"
 #include "formats.h"
 #include "validate.h"
+#include "weight4.h"
 
 namespace lowbit {
 namespace {
@@ -169,14 +170,18 @@ void gemm_slabs(const Weight4& w, const at::Tensor& x, at::Tensor& out, const De
 }
 
 at::Tensor linear_4bit_cpu(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
-                           int64_t blocksize, c10::string_view quant_type, int64_t out_features,
+                           int64_t blocksize, c10::string_view quant_type, at::IntArrayRef weight_shape,
                            const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& nested_absmax,
                            const std::optional<at::Tensor>& nested_code, double nested_offset,
                            int64_t nested_blocksize) {
-  const Linear4bitWeight weight = validate_linear_4bit(x, packed, absmax, blocksize, quant_type, out_features, bias,
-                                                      nested_absmax, nested_code, nested_offset, nested_blocksize);
+  const QuantType type = validate_linear_4bit(x, packed, absmax, blocksize, quant_type,
+                                              c10::fromIntArrayRefSlow(weight_shape), bias, nested_absmax,
+                                              nested_code, nested_offset, nested_blocksize);
+  const int64_t N = weight_shape[0], K = weight_shape[1];
+  const Weight4Tensors weight(packed, absmax, type, N, K, blocksize, nested_absmax, nested_code, nested_offset,
+                              nested_blocksize);
   const Weight4& w = weight.view;
-  const int64_t M = weight.M, N = w.N, K = w.K;
+  const int64_t M = c10::multiply_integers(x.sizes().begin(), x.sizes().end() - 1);
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
   out_shape.back() = N;
   const at::Tensor x2 = x.reshape({M, K}).to(at::kFloat).contiguous();

@@ -90,7 +90,9 @@ std::tuple<at::Tensor, at::Tensor> quantize_4bit_cpu(const at::Tensor& A, int64_
 
 at::Tensor dequantize_4bit_cpu(const at::Tensor& packed, const at::Tensor& absmax, int64_t blocksize,
                                c10::string_view quant_type, at::IntArrayRef shape, at::ScalarType dtype) {
-  const float* table = codebook(validate_dequantize_4bit(packed, absmax, blocksize, quant_type, shape, dtype)).value;
+  const float* table =
+      codebook(validate_dequantize_4bit(packed, absmax, blocksize, quant_type, c10::fromIntArrayRefSlow(shape), dtype))
+          .value;
   const int64_t n = c10::multiply_integers(shape);
   const at::Tensor q = packed.contiguous();
   const at::Tensor scales = absmax.contiguous();

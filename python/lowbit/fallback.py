@@ -18,9 +18,9 @@ from .formats import NestedState
 KERNEL_DEVICES = ("cpu", "cuda")
 
 
-def _linear_4bit(x, packed, absmax, blocksize, quant_type, out_features, bias=None, *nested_args):
+def _linear_4bit(x, packed, absmax, blocksize, quant_type, shape, bias=None, *nested_args):
     # The op takes the nested state as four trailing arguments; the reference as one NestedState.
-    return reference.linear_4bit(x, packed, absmax, blocksize, quant_type, out_features, bias,
+    return reference.linear_4bit(x, packed, absmax, blocksize, quant_type, shape, bias,
                                  NestedState.from_op_args(*nested_args))  # fmt: skip
 
 

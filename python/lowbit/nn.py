@@ -192,11 +192,10 @@ class Linear4bit(QuantizedLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
-            # Checked here, not only in the op: the packed size cannot tell K from K+1 in every shape.
             raise ValueError(f"input has {x.shape[-1]} features, Linear4bit expects {self.in_features}")
         dtype = self.compute_dtype or x.dtype
         out = ops.linear_4bit(x.to(dtype), self.weight, self.absmax, self.blocksize, self.quant_type,
-                              self.out_features, self.bias, self._nested())  # fmt: skip
+                              (self.out_features, self.in_features), self.bias, self._nested())  # fmt: skip
         return out.to(x.dtype)
 
     @torch.no_grad()

@@ -61,12 +61,12 @@ def linear_4bit(
     absmax: torch.Tensor,
     blocksize: int,
     quant_type: str,
-    out_features: int,
+    shape: Sequence[int],
     bias: Optional[torch.Tensor] = None,
     nested: Optional[NestedState] = None,
 ) -> torch.Tensor:
-    """x @ dequantize(W).T + bias, with W [out_features, x.shape[-1]] packed by quantize_4bit."""
-    return _ops.linear_4bit(x, _as_bytes(packed), absmax, blocksize, quant_type, out_features, bias,
+    """x @ dequantize(W).T + bias, with W of `shape` [out_features, in_features] packed by quantize_4bit."""
+    return _ops.linear_4bit(x, _as_bytes(packed), absmax, blocksize, quant_type, list(shape), bias,
                             *nested_op_args(nested))  # fmt: skip
 
 
@@ -95,48 +95,20 @@ def _as_bytes(packed: torch.Tensor) -> torch.Tensor:
 
 
 # -- fake kernels ------------------------------------------------------------------------------
-
-
-@torch.library.register_fake("lowbit::quantize_4bit")
-def _(A, blocksize, quant_type):
-    n = A.numel()
-    return A.new_empty(((n + 1) // 2, 1), dtype=torch.uint8), A.new_empty((-(n // -blocksize),), dtype=torch.float32)
-
-
-@torch.library.register_fake("lowbit::dequantize_4bit")
-def _(packed, absmax, blocksize, quant_type, shape, dtype):
-    return packed.new_empty(shape, dtype=dtype)
-
-
-@torch.library.register_fake("lowbit::quantize_blockwise")
-def _(A, code, blocksize):
-    return A.new_empty(A.shape, dtype=torch.uint8), A.new_empty((-(A.numel() // -blocksize),), dtype=torch.float32)
-
-
-@torch.library.register_fake("lowbit::dequantize_blockwise")
-def _(A, absmax, code, blocksize, dtype):
-    return A.new_empty(A.shape, dtype=dtype)
-
-
-def _check_devices(op: str, x: torch.Tensor, **tensors: Optional[torch.Tensor]) -> None:
-    # The device kernels check this too; fake kernels run instead of them for meta and traced inputs.
-    for name, t in tensors.items():
-        if t is not None and t.device != x.device:
-            raise ValueError(f"lowbit.{op}: {name} is on {t.device} but the input is on {x.device}")
-
-
-@torch.library.register_fake("lowbit::linear_4bit")
-def _(x, packed, absmax, blocksize, quant_type, out_features, bias=None, *nested_args):
-    nested_absmax, nested_code = nested_args[:2] if nested_args else (None, None)
-    _check_devices("linear_4bit", x, **{"packed weight": packed, "absmax": absmax, "bias": bias,
-                                        "nested_absmax": nested_absmax, "nested_code": nested_code})  # fmt: skip
-    return x.new_empty((*x.shape[:-1], out_features))
+# Every op but one has its fake (meta) kernel in C++ (csrc/meta.cpp), running the same validator as
+# the device kernels. int8_vectorwise_quant's output size depends on the data, which only a Python
+# fake kernel can express; it repeats the three argument checks of that op's validator.
 
 
 @torch.library.register_fake("lowbit::int8_vectorwise_quant")
 def _(A, threshold=0.0):
+    op = "lowbit.int8_vectorwise_quant"
+    if A.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(f"{op}: A must be float32, float16 or bfloat16, got {A.dtype}")
     if A.dim() < 1:
-        raise ValueError("lowbit.int8_vectorwise_quant: A must have at least one dimension")
+        raise ValueError(f"{op}: A must have at least one dimension")
+    if not 0 <= threshold < math.inf:
+        raise ValueError(f"{op}: threshold must be finite and >= 0, got {threshold}")
     rows = math.prod(A.shape[:-1])
     # How many columns hold outliers depends on the data.
     n_outliers = torch.library.get_ctx().new_dynamic_size() if threshold > 0 else 0
@@ -145,17 +117,6 @@ def _(A, threshold=0.0):
         A.new_empty((rows,), dtype=torch.float32),
         A.new_empty((n_outliers,), dtype=torch.int64),
     )
-
-
-@torch.library.register_fake("lowbit::int8_mm")
-def _(A, B):
-    return A.new_empty((A.shape[0], B.shape[0]), dtype=torch.int32)
-
-
-@torch.library.register_fake("lowbit::int8_linear")
-def _(x, CB, SCB, threshold=0.0, bias=None):
-    _check_devices("int8_linear", x, **{"weight (CB)": CB, "SCB": SCB, "bias": bias})
-    return x.new_empty((*x.shape[:-1], CB.shape[0]))
 
 
 # -- autograd ----------------------------------------------------------------------------------
@@ -169,10 +130,10 @@ def _grad_input_and_bias(ctx, grad, weight: torch.Tensor):
 
 
 def _setup_linear_4bit(ctx, inputs, output):
-    x, packed, absmax, blocksize, quant_type, out_features, bias, *nested_args = inputs
+    x, packed, absmax, blocksize, quant_type, shape, bias, *nested_args = inputs
     nested = NestedState.from_op_args(*nested_args)
     ctx.save_for_backward(packed, absmax if nested is None else nested.decode(absmax))
-    ctx.meta = (blocksize, quant_type, (out_features, x.shape[-1]))
+    ctx.meta = (blocksize, quant_type, shape)
     ctx.bias_needs_grad = bias is not None and bias.requires_grad
 
 

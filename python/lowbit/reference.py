@@ -104,13 +104,15 @@ def linear_4bit(
     absmax: torch.Tensor,
     blocksize: int,
     quant_type: str,
-    out_features: int,
+    shape: Sequence[int],
     bias: Optional[torch.Tensor] = None,
     nested: Optional[NestedState] = None,
 ) -> torch.Tensor:
+    if x.shape[-1] != shape[1]:
+        raise ValueError(f"lowbit.linear_4bit: x has {x.shape[-1]} features but the weight is {list(shape)}")
     if nested is not None:
         absmax = nested.decode(absmax)
-    weight = dequantize_4bit(packed, absmax, blocksize, quant_type, (out_features, x.shape[-1]), x.dtype)
+    weight = dequantize_4bit(packed, absmax, blocksize, quant_type, shape, x.dtype)
     return F.linear(x, weight, None if bias is None else bias.to(x.dtype))
 
 
