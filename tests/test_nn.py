@@ -253,7 +253,7 @@ def test_corrupt_8bit_checkpoint_raises_clear_error():
     sd = Linear8bit.from_linear(_linear(64, 16)).state_dict()
     for key, value, match in [
         ("SCB", torch.ones(15), "SCB' must be float32 \\[16\\]"),
-        ("SCB", torch.full((16,), float("nan")), "NaN/Inf"),
+        ("SCB", torch.full((16,), float("nan")), "NaN, Inf or negative row scales"),
         ("weight", torch.zeros(16, 64), "must be int8"),
         ("weight_format", torch.tensor(1, dtype=torch.uint8), "weight_format 1 is not supported"),
     ]:

@@ -9,11 +9,10 @@ from typing import Any, Optional
 import torch
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from .formats import check_blocksize, check_quant_type, check_threshold, dtype_name, parse_dtype
+from .formats import check_blocksize, check_quant_type, check_threshold, dtype_name, parse_dtype, parse_storage
 from .schemes import FULL_PRECISION, SCHEMES
 # Modules kept in full precision when llm_int8_skip_modules is not given (as transformers does).
 DEFAULT_SKIP = ("lm_head",)
-_STORAGE_DTYPES = (torch.uint8, torch.int8, torch.float16, torch.bfloat16, torch.float32)
 
 
 def _component_match(name: str, key: str) -> bool:
@@ -76,12 +75,19 @@ class LowbitConfig(QuantizationConfigMixin):
             isinstance(llm_int8_skip_modules, str) or not all(isinstance(m, str) for m in llm_int8_skip_modules)
         ):
             raise ValueError(f"llm_int8_skip_modules must be a list of module names, got {llm_int8_skip_modules!r}")
-        check_quant_type(bnb_4bit_quant_type)
-        check_blocksize(blocksize)
-        compute_dtype = None if bnb_4bit_compute_dtype is None else parse_dtype(bnb_4bit_compute_dtype)
-        storage = torch.uint8 if bnb_4bit_quant_storage is None else _parse_storage(bnb_4bit_quant_storage)
+        _field("bnb_4bit_quant_type", check_quant_type, bnb_4bit_quant_type)
+        _field("blocksize", check_blocksize, blocksize)
+        compute_dtype = None if bnb_4bit_compute_dtype is None else _field(
+            "bnb_4bit_compute_dtype", parse_dtype, bnb_4bit_compute_dtype)
+        storage = torch.uint8 if bnb_4bit_quant_storage is None else _field(
+            "bnb_4bit_quant_storage", parse_storage, bnb_4bit_quant_storage)
+        if module_overrides is not None and not isinstance(module_overrides, dict):
+            raise TypeError(f"module_overrides must be a dict of {{regex: scheme}}, got {type(module_overrides).__name__}")
         overrides = dict(module_overrides or {})
         for pattern, scheme in overrides.items():
+            if not isinstance(pattern, str) or not isinstance(scheme, str):
+                raise TypeError(f"module_overrides maps regular expressions (str) to scheme names (str); got "
+                                f"{pattern!r}: {scheme!r}")  # fmt: skip
             if scheme not in (*SCHEMES, FULL_PRECISION):
                 raise ValueError(f"module_overrides[{pattern!r}] = {scheme!r}; expected one of {[*SCHEMES, FULL_PRECISION]}")
             try:
@@ -148,12 +154,12 @@ class LowbitConfig(QuantizationConfigMixin):
         return isinstance(other, LowbitConfig) and self.to_dict() == other.to_dict()
 
 
-def _parse_storage(dtype: torch.dtype | str) -> torch.dtype:
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype.removeprefix("torch."), None)
-    if dtype not in _STORAGE_DTYPES:
-        raise ValueError(f"bnb_4bit_quant_storage must be one of {[dtype_name(d) for d in _STORAGE_DTYPES]}, got {dtype!r}")
-    return dtype
+def _field(name: str, check, value):
+    """check(value), its error naming the config field."""
+    try:
+        return check(value)
+    except (TypeError, ValueError) as e:
+        raise type(e)(f"{name}: {e}") from None
 
 
 BitsAndBytesConfig = LowbitConfig

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 from dataclasses import dataclass
 from typing import Mapping, Optional
 
@@ -22,6 +23,8 @@ ABSMAX, QUANT_MAP, NESTED_ABSMAX, NESTED_QUANT_MAP = "absmax", "quant_map", "nes
 QUANT_STATE_GROUP = "quant_state."
 QUANT_STATE = QUANT_STATE_GROUP + "bitsandbytes__"  # + quant_type: the JSON of shape, dtype, blocksize, ...
 INT8_SCALES, INT8_FORMAT = "SCB", "weight_format"
+# The int8 matmul accumulates K products of int8 values (each at most 128 * 128) in int32.
+MAX_INT8_K = (2**31 - 1) // (128 * 128)
 
 # Same numbers as csrc/formats.h (the C++ kernels carry their own copy; tests check they agree).
 NF4 = (
@@ -78,6 +81,8 @@ def check_blocksize(blocksize: int) -> int:
 
 def check_threshold(threshold: float, what: str = "threshold") -> float:
     """LLM.int8()'s outlier threshold: finite and >= 0 (0 disables the outlier columns)."""
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
+        raise TypeError(f"{what} must be a number, got {type(threshold).__name__} {threshold!r}")
     value = float(threshold)
     if not value >= 0 or value == float("inf"):
         raise ValueError(f"{what} must be finite and >= 0 (0 disables outliers), got {threshold}")
@@ -97,13 +102,26 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def parse_dtype(name: str | torch.dtype) -> torch.dtype:
-    if isinstance(name, torch.dtype):
-        return name
-    name = str(name).removeprefix("torch.")
+def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """A floating dtype lowbit computes in ("float32", "float16", "bfloat16", or the torch.dtype)."""
+    if not isinstance(dtype, (str, torch.dtype)):
+        raise TypeError(f"dtype must be a torch.dtype or its name, got {type(dtype).__name__} {dtype!r}")
+    name = dtype_name(dtype) if isinstance(dtype, torch.dtype) else dtype.removeprefix("torch.")
     if name not in _DTYPES:
         raise ValueError(f"unsupported dtype {name!r}; expected one of {list(_DTYPES)}")
     return _DTYPES[name]
+
+
+# dtypes the packed 4-bit bytes may be stored as (viewed, never cast; float ones are for FSDP).
+STORAGE_DTYPES = (torch.uint8, torch.int8, torch.float16, torch.bfloat16, torch.float32)
+
+
+def parse_storage(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype.removeprefix("torch."), dtype)
+    if dtype not in STORAGE_DTYPES:
+        raise ValueError(f"quant_storage must be one of {[dtype_name(d) for d in STORAGE_DTYPES]}, got {dtype!r}")
+    return dtype
 
 
 @dataclass
@@ -185,72 +203,133 @@ class QuantState4bit:
 
     @classmethod
     def from_state_dict(cls, tensors: Mapping[str, torch.Tensor], prefix: str = "weight.") -> "QuantState4bit":
-        """Parse and validate the quant-state tensors of one weight (keys as to_state_dict writes them)."""
-        meta_keys = [k for k in tensors if k.startswith(prefix + QUANT_STATE_GROUP)]
-        if len(meta_keys) != 1:
-            raise ValueError(
-                f"expected exactly one '{prefix}{QUANT_STATE}nf4|fp4' entry, found {meta_keys or 'none'}"
-            )
-        key = meta_keys[0]
-        suffix = key.rsplit("__", 1)[-1]
-        try:
-            meta = json.loads(bytes(tensors[key].to("cpu", torch.uint8).flatten().tolist()).decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ValueError(f"corrupt quant_state in '{key}': not valid JSON ({e})") from e
-        missing = {"quant_type", "blocksize", "dtype", "shape"} - set(meta)
-        if missing:
-            raise ValueError(f"quant_state in '{key}' lacks {sorted(missing)}")
-        quant_type = check_quant_type(meta["quant_type"])
-        if suffix != quant_type:
+        """Parse and validate the quant-state tensors of one weight (keys as to_state_dict writes them).
+
+        Everything that scales the weight is checked here, once, so a corrupt or hostile checkpoint raises
+        a ValueError/TypeError naming the key and field instead of computing with it: the JSON's fields and
+        their types, the sizes of every tensor, and the scales (finite; plain absmax >= 0; nested maps in
+        [-1, 1], nested absmax >= 0, the offset a finite float32, the decoded scales finite)."""
+        key, meta = _quant_state_json(tensors, prefix)
+        quant_type = _json_field(meta, "quant_type", "a string", key)
+        if quant_type not in QUANT_TYPES:
+            raise ValueError(f"'{key}': quant_type must be one of {QUANT_TYPES}, got {quant_type!r}")
+        if key != prefix + QUANT_STATE + quant_type:
+            suffix = key.removeprefix(prefix + QUANT_STATE)
             raise ValueError(f"quant_state key '{key}' says {suffix!r} but its contents say {quant_type!r}")
-        blocksize = check_blocksize(int(meta["blocksize"]))
-        shape = tuple(int(s) for s in meta["shape"])
+        blocksize = _checked(check_blocksize, _json_field(meta, "blocksize", "an integer", key), key, "blocksize")
+        shape = tuple(_json_field(meta, "shape", "a list of non-negative integers", key))
+        dtype = _checked(parse_dtype, _json_field(meta, "dtype", "a string", key), key, "dtype")
         for name in (ABSMAX, QUANT_MAP):
             if prefix + name not in tensors:
                 raise ValueError(f"checkpoint lacks '{prefix}{name}' for a 4-bit weight")
         absmax, code = tensors[prefix + ABSMAX], tensors[prefix + QUANT_MAP]
         if code.numel() != 16 or code.dtype != torch.float32:
             raise ValueError(f"'{prefix}quant_map' must be 16 float32 values, got {code.numel()} {code.dtype}")
-        if code.device.type != "meta" and not torch.equal(code.cpu(), _code_4bit(quant_type)):
+        if _has_values(code) and not torch.equal(code.cpu(), _code_4bit(quant_type)):
             # The kernels decode with the built-in table; a different map would be silently ignored.
             raise ValueError(f"'{prefix}quant_map' is not the standard {quant_type} table (custom 4-bit maps "
                              "are not supported)")
-        state = cls(quant_type, blocksize, shape, parse_dtype(meta["dtype"]), absmax, code)
+        state = cls(quant_type, blocksize, shape, dtype, absmax, code)
         n_blocks = -(-state.numel // blocksize)
         if absmax.numel() != n_blocks:
             raise ValueError(
                 f"'{prefix}absmax' has {absmax.numel()} entries but a {list(shape)} weight with blocksize "
                 f"{blocksize} has {n_blocks} blocks (truncated or mismatched checkpoint?)"
             )
-        if prefix + NESTED_ABSMAX in tensors or "nested_offset" in meta:
-            for name in (NESTED_ABSMAX, NESTED_QUANT_MAP):
-                if prefix + name not in tensors:
-                    raise ValueError(f"checkpoint lacks '{prefix}{name}' for a double-quantized weight")
-            if "nested_offset" not in meta or "nested_blocksize" not in meta:
-                raise ValueError(f"quant_state in '{key}' lacks nested_offset/nested_blocksize")
-            nested = NestedState(
-                tensors[prefix + NESTED_ABSMAX],
-                tensors[prefix + NESTED_QUANT_MAP],
-                float(meta["nested_offset"]),
-                check_blocksize(int(meta["nested_blocksize"])),
-            )
-            if absmax.dtype != torch.uint8:
-                raise ValueError(f"'{prefix}absmax' of a double-quantized weight must be uint8, got {absmax.dtype}")
-            for name, t in (("nested_quant_map", nested.code), ("nested_absmax", nested.absmax)):
-                if t.dtype != torch.float32:
-                    raise ValueError(f"'{prefix}{name}' must be float32, got {t.dtype}")
-            if nested.code.numel() != 256:
-                raise ValueError(f"'{prefix}nested_quant_map' must have 256 entries, got {nested.code.numel()}")
-            if nested.absmax.numel() != -(-n_blocks // nested.blocksize):
-                raise ValueError(f"'{prefix}nested_absmax' has {nested.absmax.numel()} entries, expected "
-                                 f"{-(-n_blocks // nested.blocksize)}")
-            state.nested = nested
+        nested_names = (NESTED_ABSMAX, NESTED_QUANT_MAP)
+        if any(prefix + name in tensors for name in nested_names) or any(f in meta for f in _NESTED_FIELDS):
+            state.nested = _nested_state(tensors, prefix, meta, key, n_blocks)
         elif absmax.dtype != torch.float32:
             raise ValueError(f"'{prefix}absmax' must be float32, got {absmax.dtype}")
-        scales = [state.absmax] if state.nested is None else [state.nested.absmax, state.nested.code]
-        if any(t.device.type != "meta" and not torch.isfinite(t).all() for t in scales):
-            raise ValueError(f"the scales of '{prefix[:-1]}' hold NaN/Inf (corrupt checkpoint)")
+        elif _has_values(absmax) and not (torch.isfinite(absmax) & (absmax >= 0)).all():
+            raise ValueError(f"'{prefix}absmax' holds NaN, Inf or negative scales (corrupt checkpoint)")
         return state
+
+
+_NESTED_FIELDS = ("nested_offset", "nested_blocksize")
+
+
+def _has_values(t: torch.Tensor) -> bool:
+    return t.device.type != "meta"
+
+
+def _quant_state_json(tensors: Mapping[str, torch.Tensor], prefix: str) -> tuple[str, dict]:
+    """The key of a weight's quant_state entry and its JSON object."""
+    keys = [k for k in tensors if k.startswith(prefix + QUANT_STATE_GROUP)]
+    if len(keys) != 1:
+        raise ValueError(f"expected exactly one '{prefix}{QUANT_STATE}nf4|fp4' entry, found {keys or 'none'}")
+    key = keys[0]
+    raw = tensors[key]
+    if raw.dtype != torch.uint8:
+        raise TypeError(f"'{key}' must be uint8 (UTF-8 JSON bytes), got {raw.dtype}")
+    try:
+        meta = json.loads(bytes(raw.cpu().flatten().tolist()).decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"corrupt quant_state in '{key}': not valid JSON ({e})") from e
+    if not isinstance(meta, dict):
+        raise TypeError(f"quant_state in '{key}' must be a JSON object, got {type(meta).__name__}")
+    missing = {"quant_type", "blocksize", "dtype", "shape"} - set(meta)
+    if missing:
+        raise ValueError(f"quant_state in '{key}' lacks {sorted(missing)}")
+    return key, meta
+
+
+_JSON_KINDS = {
+    "a string": lambda v: isinstance(v, str),
+    "an integer": lambda v: isinstance(v, int) and not isinstance(v, bool),
+    "a number": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+    "a list of non-negative integers": lambda v: isinstance(v, list)
+    and all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in v),
+}
+
+
+def _json_field(meta: dict, field: str, kind: str, key: str):
+    value = meta[field]
+    if not _JSON_KINDS[kind](value):
+        raise TypeError(f"quant_state in '{key}': {field} must be {kind}, got {type(value).__name__} {value!r:.60}")
+    return value
+
+
+def _checked(check, value, key: str, field: str):
+    """check(value), its error naming the quant_state entry and field."""
+    try:
+        return check(value)
+    except (TypeError, ValueError) as e:
+        raise type(e)(f"quant_state in '{key}': {field}: {e}") from None
+
+
+def _nested_state(tensors: Mapping[str, torch.Tensor], prefix: str, meta: dict, key: str, n_blocks: int) -> NestedState:
+    """The double-quantization state of a weight with n_blocks absmax codes, validated."""
+    for name in (NESTED_ABSMAX, NESTED_QUANT_MAP):
+        if prefix + name not in tensors:
+            raise ValueError(f"checkpoint lacks '{prefix}{name}' for a double-quantized weight")
+    for field in _NESTED_FIELDS:
+        if field not in meta:
+            raise ValueError(f"quant_state in '{key}' lacks {field} for a double-quantized weight")
+    offset = float(_json_field(meta, "nested_offset", "a number", key))
+    if not math.isfinite(offset) or abs(offset) > torch.finfo(torch.float32).max:
+        raise ValueError(f"quant_state in '{key}': nested_offset must be a finite float32, got {meta['nested_offset']}")
+    blocksize = _checked(check_blocksize, _json_field(meta, "nested_blocksize", "an integer", key), key,
+                         "nested_blocksize")  # fmt: skip
+    nested = NestedState(tensors[prefix + NESTED_ABSMAX], tensors[prefix + NESTED_QUANT_MAP], offset, blocksize)
+    absmax_q = tensors[prefix + ABSMAX]
+    if absmax_q.dtype != torch.uint8:
+        raise ValueError(f"'{prefix}absmax' of a double-quantized weight must be uint8, got {absmax_q.dtype}")
+    for name, t in ((NESTED_QUANT_MAP, nested.code), (NESTED_ABSMAX, nested.absmax)):
+        if t.dtype != torch.float32:
+            raise ValueError(f"'{prefix}{name}' must be float32, got {t.dtype}")
+    if nested.code.numel() != 256:
+        raise ValueError(f"'{prefix}nested_quant_map' must have 256 entries, got {nested.code.numel()}")
+    if nested.absmax.numel() != -(-n_blocks // blocksize):
+        raise ValueError(f"'{prefix}nested_absmax' has {nested.absmax.numel()} entries, expected "
+                         f"{-(-n_blocks // blocksize)}")  # fmt: skip
+    if _has_values(nested.code) and not (torch.isfinite(nested.code) & (nested.code.abs() <= 1)).all():
+        raise ValueError(f"'{prefix}nested_quant_map' holds values outside [-1, 1] or NaN (corrupt checkpoint)")
+    if _has_values(nested.absmax) and not (torch.isfinite(nested.absmax) & (nested.absmax >= 0)).all():
+        raise ValueError(f"'{prefix}nested_absmax' holds NaN, Inf or negative scales (corrupt checkpoint)")
+    if _has_values(absmax_q) and not torch.isfinite(nested.decode(absmax_q)).all():
+        raise ValueError(f"the double-quantized scales of '{prefix[:-1]}' overflow float32 (corrupt checkpoint)")
+    return nested
 
 
 def check_packed(packed: torch.Tensor, numel: int, what: str = "weight") -> torch.Tensor:

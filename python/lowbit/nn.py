@@ -17,6 +17,7 @@ from .formats import (
     ABSMAX,
     INT8_FORMAT,
     INT8_SCALES,
+    MAX_INT8_K,
     NESTED_ABSMAX,
     NESTED_BLOCKSIZE,
     NESTED_QUANT_MAP,
@@ -32,6 +33,8 @@ from .formats import (
     code_4bit,
     dtype_name,
     dynamic_map,
+    parse_dtype,
+    parse_storage,
 )
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -50,17 +53,22 @@ class QuantizedLinear(nn.Module):
 
     def __init__(self, in_features: int, out_features: int, bias: bool, device, dtype):
         super().__init__()
-        if in_features < 0 or out_features < 0:
-            raise ValueError(f"in_features and out_features must be >= 0, got {in_features}, {out_features}")
+        for name, value in (("in_features", in_features), ("out_features", out_features)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be an int >= 0, got {value!r}")
         self.in_features = in_features
         self.out_features = out_features
         self.weight_dtype = dtype or torch.get_default_dtype()  # the dtype of the weight before quantization
+        _check_float_dtype(self.weight_dtype, "dtype (of the weight before quantization)")
         self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=self.weight_dtype)) if bias else None
+        # Set by quantize_weight_ / load_quantized_: an empty layer (a loader's to fill) refuses to compute.
+        self.holds_weight = False
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, **options: Any):
         """A quantized copy of `linear` (its weight is quantized; `linear` is left untouched)."""
         w = linear.weight
+        _check_float_dtype(w.dtype, "the weight of the nn.Linear to quantize")
         layer = cls(linear.in_features, linear.out_features, linear.bias is not None, device=w.device, dtype=w.dtype,
                     **options)  # fmt: skip
         layer.quantize_weight_(w)
@@ -71,10 +79,18 @@ class QuantizedLinear(nn.Module):
     def _check_weight(self, weight: torch.Tensor) -> None:
         if weight.shape != (self.out_features, self.in_features):
             raise ValueError(f"weight has shape {list(weight.shape)}, expected [{self.out_features}, {self.in_features}]")
-        if weight.dtype not in _FLOAT_DTYPES:
-            raise TypeError(f"weight must be float32, float16 or bfloat16, got {weight.dtype}")
+        _check_float_dtype(weight.dtype, "weight")
         if weight.device.type == "meta":
             raise ValueError("cannot quantize a weight on the meta device (it has no values)")
+
+    def _check_holds_weight(self) -> None:
+        # A layer on meta computes no numbers; anywhere else an empty one would compute with garbage.
+        if not self.holds_weight and self.weight.device.type != "meta":
+            raise RuntimeError(
+                f"{type(self).__name__}({self.in_features}, {self.out_features}) holds no weight: it was built empty "
+                f"(for a loader to fill). Use {type(self).__name__}.from_linear(linear), quantize_weight_(weight) "
+                "or load_state_dict(...) first"
+            )
 
     def _place(self, t: torch.Tensor) -> torch.Tensor:
         """Loaded tensors follow the layer's device, unless the layer is still on meta."""
@@ -95,7 +111,10 @@ class QuantizedLinear(nn.Module):
         ours = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
         bias = ours.pop("bias", None)
         if "weight" in ours:
-            self.load_quantized_(ours)
+            try:
+                self.load_quantized_(ours)
+            except (TypeError, ValueError) as e:  # name the layer: the message is about one of many
+                raise type(e)(f"{prefix[:-1] or type(self).__name__}: {e}") from None
         else:
             missing_keys.append(prefix + "weight")
         if self.bias is not None:
@@ -124,6 +143,11 @@ class QuantizedLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"{self._options_repr()}, {module_nbytes(self) / 2**10:.1f} KiB")
+
+
+def _check_float_dtype(dtype, what: str) -> None:
+    if dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{what} must be float32, float16 or bfloat16, got {dtype}")
 
 
 def module_nbytes(module: nn.Module) -> int:
@@ -163,8 +187,8 @@ class Linear4bit(QuantizedLinear):
         self.quant_type = check_quant_type(quant_type)
         self.blocksize = check_blocksize(blocksize)
         self.double_quant = bool(double_quant)
-        self.compute_dtype = compute_dtype
-        self.quant_storage = quant_storage
+        self.compute_dtype = None if compute_dtype is None else parse_dtype(compute_dtype)
+        self.quant_storage = quant_storage = parse_storage(quant_storage)
         n = in_features * out_features
         n_bytes = (n + 1) // 2
         item = quant_storage.itemsize
@@ -191,6 +215,7 @@ class Linear4bit(QuantizedLinear):
                               self.weight_dtype, self.absmax, self.quant_map, self._nested())  # fmt: skip
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_holds_weight()
         if x.shape[-1] != self.in_features:
             raise ValueError(f"input has {x.shape[-1]} features, Linear4bit expects {self.in_features}")
         dtype = self.compute_dtype or x.dtype
@@ -221,6 +246,7 @@ class Linear4bit(QuantizedLinear):
         self.absmax = absmax
         self.quant_map = code_4bit(self.quant_type, packed.device)
         self.weight_dtype = weight.dtype
+        self.holds_weight = True
 
     @torch.no_grad()
     def load_quantized_(self, tensors: Mapping[str, torch.Tensor]) -> None:
@@ -249,10 +275,11 @@ class Linear4bit(QuantizedLinear):
         else:
             for name in ("nested_absmax", "nested_quant_map"):
                 self._buffers.pop(name, None)
+        self.holds_weight = True
 
     @staticmethod
     def _owns_key(key: str) -> bool:
-        return key.startswith("weight.")  # the quant state travels under weight.*
+        return key in Linear4bit.checkpoint_keys
 
     @classmethod
     def layout_problem(cls, keys: set[str]) -> Optional[str]:
@@ -284,6 +311,20 @@ class Linear4bit(QuantizedLinear):
         return f"quant_type={self.quant_type}, blocksize={self.blocksize}{dq}{cd}"
 
 
+def _check_weight_format(fmt) -> None:
+    """bitsandbytes' int8 layout flag: absent, or 0 (row-major), as an int or a one-element integer tensor."""
+    if fmt is None:
+        return
+    if isinstance(fmt, torch.Tensor):
+        if fmt.numel() != 1 or fmt.is_floating_point() or fmt.is_complex() or fmt.dtype == torch.bool:
+            raise ValueError(f"'{INT8_FORMAT}' must be one integer, got a {fmt.dtype} tensor of shape {list(fmt.shape)}")
+        fmt = fmt.item() if fmt.device.type != "meta" else 0
+    if isinstance(fmt, bool) or not isinstance(fmt, int):
+        raise TypeError(f"'{INT8_FORMAT}' must be an integer, got {type(fmt).__name__} {fmt!r}")
+    if fmt != 0:
+        raise ValueError(f"{INT8_FORMAT} {fmt} is not supported (only 0, row-major int8, is)")
+
+
 class Linear8bit(QuantizedLinear):
     """A linear layer with an int8 weight (LLM.int8()): CB = round(W * 127 / SCB) per row.
 
@@ -297,11 +338,15 @@ class Linear8bit(QuantizedLinear):
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, threshold: float = 6.0,
                  device=None, dtype=None):  # fmt: skip
         super().__init__(in_features, out_features, bias, device, dtype)
+        if in_features > MAX_INT8_K:
+            raise ValueError(f"in_features = {in_features} is more than the int8 matmul's int32 accumulator allows "
+                             f"(max {MAX_INT8_K})")  # fmt: skip
         self.threshold = check_threshold(threshold)
         self.register_buffer("weight", torch.empty((out_features, in_features), dtype=torch.int8, device=device))
         self.register_buffer("SCB", torch.empty(out_features, dtype=torch.float32, device=device))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_holds_weight()
         return ops.int8_linear(x, self.weight, self.SCB, self.threshold, self.bias)
 
     @torch.no_grad()
@@ -317,6 +362,7 @@ class Linear8bit(QuantizedLinear):
             raise ValueError("weight has NaN/Inf values or values beyond float16 range (|w| > 65504); cannot quantize")
         self.weight, self.SCB, _ = ops.int8_vectorwise_quant(half, 0.0)
         self.weight_dtype = weight.dtype
+        self.holds_weight = True
 
     @torch.no_grad()
     def load_quantized_(self, tensors: Mapping[str, torch.Tensor]) -> None:
@@ -325,18 +371,17 @@ class Linear8bit(QuantizedLinear):
             if key not in tensors:
                 raise ValueError(f"checkpoint lacks '{key}' for an 8-bit layer")
         cb, scb = tensors["weight"], tensors[INT8_SCALES]
-        fmt = tensors.get(INT8_FORMAT)
-        if fmt is not None and int(fmt.item() if isinstance(fmt, torch.Tensor) else fmt) != 0:
-            raise ValueError(f"weight_format {int(fmt)} is not supported (only 0, row-major int8, is)")
+        _check_weight_format(tensors.get(INT8_FORMAT))
         if cb.dtype != torch.int8 or cb.shape != (self.out_features, self.in_features):
             raise ValueError(f"8-bit 'weight' must be int8 [{self.out_features}, {self.in_features}], got "
                              f"{cb.dtype} {list(cb.shape)} (a full-precision checkpoint needs quantize_weight_)")  # fmt: skip
         if scb.dtype != torch.float32 or scb.shape != (self.out_features,):
             raise ValueError(f"'SCB' must be float32 [{self.out_features}], got {scb.dtype} {list(scb.shape)}")
-        if scb.device.type != "meta" and not torch.isfinite(scb).all():
-            raise ValueError("'SCB' holds NaN/Inf (corrupt checkpoint)")
+        if scb.device.type != "meta" and not (torch.isfinite(scb) & (scb >= 0)).all():
+            raise ValueError("'SCB' holds NaN, Inf or negative row scales (corrupt checkpoint)")
         self.weight = self._place(cb)
         self.SCB = self._place(scb)
+        self.holds_weight = True
 
     @staticmethod
     def _owns_key(key: str) -> bool:
