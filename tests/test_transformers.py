@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import weakref
@@ -348,19 +349,15 @@ def _rewrite_quant_state(tensors, change):
 @pytest.mark.parametrize(
     "edit, message",
     [
-        (lambda t: _rewrite_quant_state(t, lambda s: s.update(shape=[64, 128])), "[64, 128]"),
-        (lambda t: t.update({f"{LAYER}.weight": t[f"{LAYER}.weight"][:-5]}), "packed"),
+        (lambda t: _rewrite_quant_state(t, lambda s: s.update(shape=[64, 128])), r"is \[64, 128\] but the model's"),
+        (lambda t: t.update({f"{LAYER}.weight": t[f"{LAYER}.weight"][:-5]}), "packed weight has .* bytes"),
     ],
     ids=["quant_state-shape", "truncated-weight"],
 )
-def test_inconsistent_quant_state_fails_loading_with_the_reason_reported(saved, capfd, caplog, edit, message):
-    path = saved("nf4", edit)
-    with pytest.raises(RuntimeError):
-        AutoModelForCausalLM.from_pretrained(path)
-    # transformers logs each layer's conversion error in its load report (through logging, whose
-    # handler may hold either stderr), then raises.
-    report = capfd.readouterr().err + caplog.text
-    assert LAYER in report and message in report, report[-3000:]
+def test_inconsistent_quant_state_fails_loading_with_the_reason(saved, edit, message):
+    # The exception itself names the layer and says what is wrong (not only transformers' log).
+    with pytest.raises(ValueError, match=rf"{re.escape(LAYER)}: .*{message}"):
+        AutoModelForCausalLM.from_pretrained(saved("nf4", edit))
 
 
 # --- the seed document's script -------------------------------------------------------------------

@@ -201,6 +201,12 @@ class QuantState4bit:
         out[prefix + QUANT_STATE + self.quant_type] = packed_meta
         return out
 
+    @staticmethod
+    def declared_shape(tensors: Mapping[str, torch.Tensor], prefix: str = "weight.") -> tuple[int, ...]:
+        """The weight shape a quant_state entry declares (its JSON alone, validated)."""
+        key, meta = _quant_state_json(tensors, prefix)
+        return tuple(_json_field(meta, "shape", "a list of non-negative integers", key))
+
     @classmethod
     def from_state_dict(cls, tensors: Mapping[str, torch.Tensor], prefix: str = "weight.") -> "QuantState4bit":
         """Parse and validate the quant-state tensors of one weight (keys as to_state_dict writes them).
@@ -210,6 +216,7 @@ class QuantState4bit:
         their types, the sizes of every tensor, and the scales (finite; plain absmax >= 0; nested maps in
         [-1, 1], nested absmax >= 0, the offset a finite float32, the decoded scales finite)."""
         key, meta = _quant_state_json(tensors, prefix)
+        shape = QuantState4bit.declared_shape(tensors, prefix)
         quant_type = _json_field(meta, "quant_type", "a string", key)
         if quant_type not in QUANT_TYPES:
             raise ValueError(f"'{key}': quant_type must be one of {QUANT_TYPES}, got {quant_type!r}")
@@ -217,7 +224,6 @@ class QuantState4bit:
             suffix = key.removeprefix(prefix + QUANT_STATE)
             raise ValueError(f"quant_state key '{key}' says {suffix!r} but its contents say {quant_type!r}")
         blocksize = _checked(check_blocksize, _json_field(meta, "blocksize", "an integer", key), key, "blocksize")
-        shape = tuple(_json_field(meta, "shape", "a list of non-negative integers", key))
         dtype = _checked(parse_dtype, _json_field(meta, "dtype", "a string", key), key, "dtype")
         for name in (ABSMAX, QUANT_MAP):
             if prefix + name not in tensors:

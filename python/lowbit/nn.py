@@ -137,6 +137,13 @@ class QuantizedLinear(nn.Module):
         this layer to load, or None."""
         return None
 
+    @classmethod
+    def declared_weight_shape(cls, entries: Mapping[str, Any]) -> tuple[int, ...]:
+        """The [out_features, in_features] a layer's checkpoint entries declare, read before loading:
+        `entries` maps the names `layout_problem` accepted to tensor shapes, except quant_state entries,
+        which are the (small) tensors themselves."""
+        raise NotImplementedError
+
     def _options_repr(self) -> str:
         return ""  # each layer adds its own format options
 
@@ -282,6 +289,10 @@ class Linear4bit(QuantizedLinear):
         return key in Linear4bit.checkpoint_keys
 
     @classmethod
+    def declared_weight_shape(cls, entries: Mapping[str, Any]) -> tuple[int, ...]:
+        return QuantState4bit.declared_shape(entries, "weight.")
+
+    @classmethod
     def layout_problem(cls, keys: set[str]) -> Optional[str]:
         missing = [k for k in cls.checkpoint_keys[:2] if k not in keys]
         if len(keys & set(cls._quant_state_keys)) != 1:
@@ -386,6 +397,10 @@ class Linear8bit(QuantizedLinear):
     @staticmethod
     def _owns_key(key: str) -> bool:
         return key in Linear8bit.checkpoint_keys
+
+    @classmethod
+    def declared_weight_shape(cls, entries: Mapping[str, Any]) -> tuple[int, ...]:
+        return tuple(entries["weight"])
 
     @classmethod
     def layout_problem(cls, keys: set[str]) -> Optional[str]:

@@ -52,7 +52,17 @@ def replace_linears(model: nn.Module, config: LowbitConfig, skip: Iterable[str] 
 def quantize_model(model: nn.Module, config: LowbitConfig, skip: Iterable[str] = ()) -> nn.Module:
     """Quantize `model` in place: every nn.Linear that `config` selects becomes a lowbit layer holding
     its quantized weight. Tied weights, `lm_head` (unless configured otherwise) and names in `skip`
-    stay in full precision. Returns `model`."""
+    stay in full precision. Returns `model`.
+
+    All or nothing: every layer is quantized before any is swapped in, so a weight that cannot be
+    quantized (NaN, Inf, beyond float16 for int8) raises an error naming its module and leaves `model`
+    as it was. (The quantized layers, a fraction of the full-precision size, exist beside it until then.)"""
+    quantized = []
     for name, linear, scheme in _targets(model, config, skip):
-        model.set_submodule(name, scheme.from_linear(linear, config))
+        try:
+            quantized.append((name, scheme.from_linear(linear, config)))
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"module {name!r}: {e} (the model was left unchanged)") from None
+    for name, layer in quantized:
+        model.set_submodule(name, layer)
     return model

@@ -3,6 +3,7 @@ tested against. Same signatures and outputs as lowbit.ops."""
 
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence
 
 import torch
@@ -18,6 +19,11 @@ def _blocks(A: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, int]:
     flat = A.reshape(-1).float()
     n = flat.numel()
     return F.pad(flat, (0, -n % blocksize)).view(-1, blocksize), n
+
+
+def _rows(A: torch.Tensor) -> torch.Tensor:
+    """A as [rows, last dimension] (reshape(-1, K) cannot infer the rows when K is 0)."""
+    return A.reshape(math.prod(A.shape[:-1]), A.shape[-1])
 
 
 def _check_finite(A: torch.Tensor, op: str) -> None:
@@ -119,7 +125,7 @@ def linear_4bit(
 def int8_vectorwise_quant(
     A: torch.Tensor, threshold: float = 0.0
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    rows = A.reshape(-1, A.shape[-1]).float()
+    rows = _rows(A).float()
     magnitude = rows.abs()
     is_outlier = magnitude >= threshold if threshold > 0 else torch.zeros_like(rows, dtype=torch.bool)
     outlier_cols = is_outlier.any(dim=0).nonzero().view(-1)
@@ -150,7 +156,7 @@ def int8_mm(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
 def int8_linear(
     x: torch.Tensor, CB: torch.Tensor, SCB: torch.Tensor, threshold: float = 0.0, bias: Optional[torch.Tensor] = None
 ) -> torch.Tensor:
-    rows = x.reshape(-1, x.shape[-1]).float()
+    rows = _rows(x).float()
     q, row_stats, outlier_cols = int8_vectorwise_quant(rows, threshold)
     out = int8_mm(q, CB).float() * row_stats.unsqueeze(1) * SCB.unsqueeze(0) / (127.0 * 127.0)
     weight_cols = CB[:, outlier_cols].float() * (SCB / 127.0).unsqueeze(1)

@@ -17,6 +17,7 @@ import inspect
 import os
 from collections import defaultdict
 from collections.abc import Iterable, MutableSet
+from contextlib import contextmanager
 
 import torch
 from safetensors import safe_open
@@ -29,6 +30,7 @@ from transformers.quantizers import auto as _auto
 from transformers.quantizers.quantizers_utils import should_convert_module
 
 from ..config import LowbitConfig
+from ..formats import QUANT_STATE_GROUP
 from ..quantize import replace_linears
 from ..schemes import LAYERS
 
@@ -43,6 +45,30 @@ def register() -> None:
     """Make "lowbit" a quantization method transformers knows; safe to call any number of times."""
     _register_once(_auto.AUTO_QUANTIZATION_CONFIG_MAPPING, _auto.register_quantization_config, LowbitConfig)
     _register_once(_auto.AUTO_QUANTIZER_MAPPING, _auto.register_quantizer, LowbitHfQuantizer)
+    _refuse_lowbit_configs_routed_to_bitsandbytes()
+
+
+def _refuse_lowbit_configs_routed_to_bitsandbytes() -> None:
+    """transformers sends any quantization_config with a truthy load_in_4bit/load_in_8bit to bitsandbytes,
+    whatever its quant_method. lowbit never writes those keys, so a "lowbit" config that has one was edited
+    by hand or by another tool; loading it with bitsandbytes would give other numbers without a word. Every
+    config dict transformers reads passes through AutoQuantizationConfig.from_dict: refuse it there."""
+    current = _auto.AutoQuantizationConfig.__dict__["from_dict"].__func__
+    if getattr(current, "_lowbit_guard", False):
+        return
+
+    def from_dict(cls, quantization_config_dict: dict):
+        routed = [k for k in ("load_in_4bit", "load_in_8bit") if quantization_config_dict.get(k)]
+        if quantization_config_dict.get("quant_method") == QUANT_METHOD and routed:
+            raise ValueError(
+                f"this quantization_config says quant_method {QUANT_METHOD!r} but also {routed[0]}=True, which makes "
+                "transformers load it with bitsandbytes instead of lowbit (other numbers). lowbit writes `bits` "
+                f"instead: replace {routed[0]} with \"bits\": {4 if routed[0] == 'load_in_4bit' else 8} in config.json"
+            )
+        return current(cls, quantization_config_dict)
+
+    from_dict._lowbit_guard = True
+    _auto.AutoQuantizationConfig.from_dict = classmethod(from_dict)
 
 
 def _register_once(mapping: dict, register_fn, cls: type) -> None:
@@ -91,6 +117,14 @@ class LowbitHfQuantizer(HfQuantizer):
             _check_checkpoint_layout(model, checkpoint_files)
 
     def _process_model_after_weight_loading(self, model, **kwargs):
+        errors = {name: m.__dict__.pop(_LOAD_ERROR) for name, m in model.named_modules() if _LOAD_ERROR in m.__dict__}
+        if errors:
+            # Raised here rather than where each layer failed: transformers turns errors raised while
+            # loading into one generic RuntimeError and leaves the details in a log.
+            raise ValueError(
+                f"lowbit could not load {len(errors)} layer(s) from the checkpoint:\n  "
+                + "\n  ".join(f"{name}: {message}" for name, message in errors.items())
+            )
         # Flags scripts written for bitsandbytes look at (e.g. before preparing a model for k-bit training).
         bits = {m.bits for m in model.modules() if isinstance(m, LAYERS)}
         model.is_loaded_in_8bit = 8 in bits
@@ -165,7 +199,8 @@ class _QuantizeOnLoad(ConversionOps):
             weight = value[0] if isinstance(value, list) else value
             module_name = key.rpartition(".")[0]
             module = model.get_submodule(module_name)
-            module.quantize_weight_(weight)
+            with _recording_errors(module):
+                module.quantize_weight_(weight)
             _mark_loaded(module, module_name, missing_keys)
         return {}
 
@@ -186,7 +221,7 @@ class _LoadQuantized(ConversionOps):
         module = model.get_submodule(module_name)
         problem = _layout_problem(module, tensors)
         if problem:
-            raise ValueError(f"{module_name}: {problem}")
+            raise ValueError(f"{module_name}: {problem}")  # caught before loading (_check_checkpoint_layout)
         if not isinstance(module, LAYERS):
             # transformers skips its usual cast for tensors routed to a loading op: cast like it would,
             # to the dtype the model was built with.
@@ -195,7 +230,8 @@ class _LoadQuantized(ConversionOps):
             if weight.is_floating_point() and expected.is_floating_point():
                 weight = weight.to(expected.dtype)
             return {"weight": weight}
-        module.load_quantized_(tensors)
+        with _recording_errors(module):
+            module.load_quantized_(tensors)
         _mark_loaded(module, module_name, missing_keys)
         return {}
 
@@ -208,6 +244,21 @@ class _LoadQuantized(ConversionOps):
 class _SaveAsIs(ConversionOps):
     def convert(self, input_dict, **kwargs):
         return input_dict
+
+
+# Where a layer keeps the error that stopped it from loading, until the quantizer raises it.
+_LOAD_ERROR = "_lowbit_load_error"
+
+
+@contextmanager
+def _recording_errors(module: nn.Module):
+    """Keeps a layer's loading error on the layer for the quantizer to raise once loading is over (see
+    `_process_model_after_weight_loading`; transformers hands each converter its own copy of the
+    quantizer, so the layer is the one place they share). The layer stays empty and refuses to compute."""
+    try:
+        yield
+    except (TypeError, ValueError, RuntimeError) as e:
+        module.__dict__[_LOAD_ERROR] = str(e)
 
 
 def _mark_loaded(module: nn.Module, module_name: str, missing_keys: MutableSet[str] | None) -> None:
@@ -243,25 +294,28 @@ def _layout_problem(module: nn.Module, keys: Iterable[str]) -> str | None:
 def _check_checkpoint_layout(model, checkpoint_files: list[str] | None) -> None:
     """Fail before anything loads, naming every layer whose checkpoint tensors do not fit it.
 
-    Reads safetensors headers only. The same check runs per layer while loading, but transformers turns
-    errors raised there into a generic RuntimeError after logging them, so catching them here is clearer.
+    Reads safetensors headers (names and shapes) and the small quant_state JSON tensors: which tensors each
+    layer has, and whether the weight they declare has the layer's shape (a config.json edited to other
+    sizes). The values are validated per layer while loading (see `_recording_errors`).
     """
     if not checkpoint_files or not all(str(f).endswith(".safetensors") for f in checkpoint_files):
         return
-    by_module: dict[str, set[str]] = defaultdict(set)
+    by_module: dict[str, dict[str, object]] = defaultdict(dict)
     for file in checkpoint_files:
         with safe_open(file, framework="pt") as f:
             for key in f.keys():
                 module_name, suffix = _split_serialized_key(key)
                 if suffix is not None:
-                    by_module[module_name].add(suffix)
+                    quant_state = suffix.startswith(f"weight.{QUANT_STATE_GROUP}")
+                    by_module[module_name][suffix] = f.get_tensor(key) if quant_state else f.get_slice(key).get_shape()
     prefix = f"{model.base_model_prefix}." if model.base_model_prefix else ""
     problems = []
     for name, module in model.named_modules():
         # The checkpoint may hold the base model alone, or the model with a head (transformers adds or
         # strips the base model prefix when loading), so look under all three spellings.
         owner = next((n for n in (name, name.removeprefix(prefix), prefix + name) if n in by_module), name)
-        problem = _layout_problem(module, by_module.get(owner, ()))
+        entries = by_module.get(owner, {})
+        problem = _layout_problem(module, entries) or _shape_problem(module, entries)
         if problem:
             problems.append(f"{name}: {problem}")
     if problems:
@@ -269,6 +323,21 @@ def _check_checkpoint_layout(model, checkpoint_files: list[str] | None) -> None:
             f"the quantized checkpoint in {os.path.dirname(checkpoint_files[0])} does not fit the model:\n  "
             + "\n  ".join(problems)
         )
+
+
+def _shape_problem(module: nn.Module, entries: dict[str, object]) -> str | None:
+    """Whether the weight a lowbit layer's checkpoint entries declare has the layer's shape, or None."""
+    if not isinstance(module, LAYERS):
+        return None
+    try:
+        declared = module.declared_weight_shape(entries)
+    except (TypeError, ValueError) as e:
+        return str(e)
+    expected = (module.out_features, module.in_features)
+    if declared != expected:
+        return (f"the checkpoint's weight is {list(declared)} but the model's layer is {list(expected)} "
+                "(does config.json match the checkpoint?)")  # fmt: skip
+    return None
 
 
 def _split_serialized_key(key: str) -> tuple[str, str | None]:
