@@ -16,9 +16,11 @@ from .config import BitsAndBytesConfig, LowbitConfig  # noqa: E402
 from .nn import Linear4bit, Linear8bit  # noqa: E402
 from .quantize import quantize_model, replace_linears  # noqa: E402
 from .integrations.transformers import bnb_checkpoint_config, register as _register_with_transformers  # noqa: E402
+from .integrations.peft import install_on_import as _connect_peft_when_imported  # noqa: E402
 from .compare import compare  # noqa: E402  (the report: a leaf, nothing above imports it)
 
 _register_with_transformers()
+_connect_peft_when_imported()
 
 __version__ = _BUILD["version"]
 build_info = _native.build_info

@@ -157,6 +157,11 @@ def _check_float_dtype(dtype, what: str) -> None:
         raise TypeError(f"{what} must be float32, float16 or bfloat16, got {dtype}")
 
 
+def quantized_weight_count(module: nn.Module) -> int:
+    """Values held by the quantized weights of the lowbit layers in `module` (buffers, so not in parameters())."""
+    return sum(m.in_features * m.out_features for m in module.modules() if isinstance(m, QuantizedLinear))
+
+
 def module_nbytes(module: nn.Module) -> int:
     """Bytes held by a module's parameters and buffers (packed weights, scales, bias)."""
     return sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])

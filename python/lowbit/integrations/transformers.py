@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import types
 from collections import defaultdict
 from collections.abc import Iterable, MutableSet
 from contextlib import contextmanager
@@ -31,6 +32,7 @@ from transformers.quantizers.quantizers_utils import should_convert_module
 
 from ..config import LowbitConfig
 from ..formats import QUANT_STATE_GROUP
+from ..nn import quantized_weight_count
 from ..quantize import replace_linears
 from ..schemes import LAYERS
 
@@ -125,10 +127,13 @@ class LowbitHfQuantizer(HfQuantizer):
                 f"lowbit could not load {len(errors)} layer(s) from the checkpoint:\n  "
                 + "\n  ".join(f"{name}: {message}" for name, message in errors.items())
             )
-        # Flags scripts written for bitsandbytes look at (e.g. before preparing a model for k-bit training).
+        # Flags scripts written for bitsandbytes look at (e.g. peft's prepare_model_for_kbit_training).
         bits = {m.bits for m in model.modules() if isinstance(m, LAYERS)}
         model.is_loaded_in_8bit = 8 in bits
         model.is_loaded_in_4bit = 4 in bits
+        # transformers' own count imports bitsandbytes for any model flagged 4-bit (the Trainer calls it every
+        # step), and would miss lowbit's weights, which are buffers.
+        model.num_parameters = types.MethodType(_num_parameters, model)
         return model
 
     def param_needs_quantization(self, model, param_name: str, **kwargs) -> bool:
@@ -166,6 +171,13 @@ class LowbitHfQuantizer(HfQuantizer):
                         linear.bias.copy_(module.bias)
                 model.set_submodule(name, linear)
         return model
+
+
+def _num_parameters(model, only_trainable: bool = False, exclude_embeddings: bool = False) -> int:
+    """`PreTrainedModel.num_parameters` counting each lowbit layer's quantized weight as the values it stores."""
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)} if exclude_embeddings else set()
+    counted = [p for p in model.parameters() if (p.requires_grad or not only_trainable) and id(p) not in embeddings]
+    return sum(p.numel() for p in counted) + (0 if only_trainable else quantized_weight_count(model))
 
 
 def _full_precision_modules(model) -> set[str]:
