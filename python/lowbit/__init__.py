@@ -16,6 +16,7 @@ from .config import BitsAndBytesConfig, LowbitConfig  # noqa: E402
 from .nn import Linear4bit, Linear8bit  # noqa: E402
 from .quantize import quantize_model, replace_linears  # noqa: E402
 from .integrations.transformers import bnb_checkpoint_config, register as _register_with_transformers  # noqa: E402
+from .integrations.export import export_bitsandbytes  # noqa: E402
 from .integrations.peft import install_on_import as _connect_peft_when_imported  # noqa: E402
 from .compare import compare  # noqa: E402  (the report: a leaf, nothing above imports it)
 
@@ -33,6 +34,7 @@ __all__ = [
     "LowbitConfig",
     "build_info",
     "compare",
+    "export_bitsandbytes",
     "ops",
     "quantize_model",
     "reference",
