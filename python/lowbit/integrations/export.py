@@ -21,16 +21,17 @@ from __future__ import annotations
 import os
 from collections import defaultdict
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
-from transformers import BitsAndBytesConfig, PretrainedConfig, PreTrainedModel
-from transformers.pytorch_utils import Conv1D
 
 from ..formats import dtype_name
 from ..nn import Linear4bit, Linear8bit, QuantizedLinear
 from ..schemes import LAYERS, SCHEMES
+
+if TYPE_CHECKING:
+    from transformers import BitsAndBytesConfig, PretrainedConfig, PreTrainedModel
 
 # The 4-bit blocksizes bitsandbytes computes with: each of its 4-bit ops checks
 # `blocksize in (32, 64, 128, 256, 512, 1024, 2048, 4096)` (bitsandbytes 0.50 `_ops.py`, and
@@ -63,6 +64,9 @@ def export_bitsandbytes(model: PreTrainedModel, out_dir: str | os.PathLike, **sa
     docstring); nothing is written then. A 4-bit `compute_dtype` of None (lowbit: the input's dtype) becomes
     bitsandbytes' default, float32.
     """
+    # transformers' model classes load in ~0.4 s: imported on use, so `import lowbit` stays light.
+    from transformers import PreTrainedModel
+
     if not isinstance(model, PreTrainedModel):
         raise TypeError(
             f"export_bitsandbytes needs a transformers PreTrainedModel (it saves with save_pretrained and "
@@ -105,6 +109,8 @@ def _bitsandbytes_config(model: nn.Module) -> BitsAndBytesConfig:
                 f"cannot export as a bitsandbytes checkpoint: bitsandbytes computes with the 4-bit blocksizes "
                 f"{list(BNB_4BIT_BLOCKSIZES)} only, but this model has blocksize {_by_value(unsupported)}"
             )
+    from transformers import BitsAndBytesConfig
+
     # A scheme's LowbitConfig arguments (load_in_8bit, or load_in_4bit and the quant type) are BitsAndBytesConfig's.
     return BitsAndBytesConfig(**SCHEMES[scheme].config, **options, llm_int8_skip_modules=_full_precision_modules(model))
 
@@ -113,6 +119,8 @@ def _full_precision_modules(model: nn.Module) -> list[str]:
     """The modules transformers' bitsandbytes loader would quantize that lowbit kept in full precision (lm_head,
     tied weights, "none" overrides, skip lists). The loader swaps every module that is exactly an nn.Linear, or a
     Conv1D (`replace_with_bnb_linear`); lowbit has already swapped the ones it quantized, so the rest are these."""
+    from transformers.pytorch_utils import Conv1D
+
     modules = model.named_modules()
     return sorted(name for name, module in modules if type(module) is nn.Linear or isinstance(module, Conv1D))
 
