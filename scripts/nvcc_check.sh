@@ -5,10 +5,21 @@
 #    and calls each host/device format helper from a kernel. Its PTX must hold no fused multiply-add
 #    and only explicitly rounded float multiplies/adds (mul.rn / add.rn, which ptxas never fuses):
 #    the bit-parity rule of csrc/formats.h.
-# Run from the repository root with the Python that has torch (for its headers). NVCC overrides the compiler.
+# Run from the repository root with the Python that has pip (and torch). NVCC overrides the compiler.
+# The headers are a CUDA build's of torch: the installed torch's when it has CUDA, else those of the CUDA
+# torch wheel pip resolves (a CPU build lacks generated CUDA headers such as c10/cuda/impl/cuda_cmake_macros.h).
 set -euo pipefail
 NVCC=${NVCC:-/usr/local/cuda/bin/nvcc}
-torch_include=$(python -c "from torch.utils.cpp_extension import include_paths; print(' '.join('-I' + p for p in include_paths()))")
+scratch=$(mktemp -d)
+trap 'rm -rf "$scratch"' EXIT
+if python -c "import sys, torch; sys.exit(torch.version.cuda is None)" 2>/dev/null; then
+  torch_include=$(python -c "from torch.utils.cpp_extension import include_paths; print(' '.join('-I' + p for p in include_paths()))")
+else
+  python -m pip download --quiet --no-deps --only-binary=:all: --dest "$scratch" torch
+  unzip -q "$scratch"/torch-*.whl 'torch/include/*' -d "$scratch"
+  torch_include="-I$scratch/torch/include -I$scratch/torch/include/torch/csrc/api/include"
+  echo "nvcc: headers of $(basename "$scratch"/torch-*.whl) (the installed torch has no CUDA)"
+fi
 flags=(-std=c++20 -O3 --expt-relaxed-constexpr -Icsrc $torch_include)
 archs=(-gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=sm_90)
 
@@ -19,8 +30,7 @@ for src in csrc/cuda/*.cu tests/nvcc/*.cu; do
 done
 
 probe=tests/nvcc/shared_headers.cu
-ptx=$(mktemp --suffix=.ptx)
-trap 'rm -f "$ptx"' EXIT
+ptx="$scratch/probe.ptx"
 "$NVCC" "${flags[@]}" -arch=compute_80 -ptx "$probe" -o "$ptx"
 unfused_ok=$(grep -cE '\b(mul|add|sub)\.rn\.f32' "$ptx" || true)
 if grep -qE '\bfma\.|\b(mul|add|sub)\.f32\b' "$ptx" || [ "$unfused_ok" -eq 0 ]; then

@@ -2,6 +2,7 @@
 native kernel, and `native_devices` says which devices do."""
 
 import re
+import warnings
 from pathlib import Path
 
 import pytest
@@ -48,3 +49,20 @@ def test_dispatcher_prefers_a_device_kernel_over_the_default_one():
     x = torch.zeros(1)
     assert torch.ops.lowbit_dispatch_rule.with_cpu_kernel(x).item() == 2
     assert torch.ops.lowbit_dispatch_rule.default_only(x).item() == 1
+
+
+def test_the_reference_fallback_warns_once_naming_the_reason(monkeypatch):
+    monkeypatch.setattr(fallback, "_warned", set())
+    A = torch.zeros(2, 8, dtype=torch.int8)
+    run = fallback._kernel("int8_mm")  # what the dispatcher runs on a device without a native kernel
+    with pytest.warns(RuntimeWarning, match="no native cpu kernel for int8_mm yet.*plain-PyTorch reference"):
+        run(A, A)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert torch.equal(run(A, A), torch.zeros(2, 2, dtype=torch.int32))
+    monkeypatch.setattr(fallback, "build_info", lambda: {"cuda": False})
+    with pytest.warns(RuntimeWarning, match=r"built without CUDA kernels.*LOWBIT_CUDA=ON"):
+        fallback._warn_once("linear_4bit", "cuda")
+    with warnings.catch_warnings():  # once for the whole device, whichever op comes next
+        warnings.simplefilter("error")
+        fallback._warn_once("int8_linear", "cuda")

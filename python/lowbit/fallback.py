@@ -4,14 +4,18 @@ Each reference is registered once, under the dispatcher's CompositeExplicitAutog
 `torch.library.register_kernel(op, None, fn)` does). The dispatcher prefers a kernel registered for a
 device's own key, so a native kernel (csrc/cpu, csrc/cuda) always wins where it exists, and any other
 device (CUDA before its kernels are built, XPU, MPS, ...) runs the reference: a model moved there works,
-more slowly, instead of failing with "no kernel". Autograd (ops.py) applies to both.
+more slowly, instead of failing with "no kernel", and a RuntimeWarning says so (once, naming the fix).
+Autograd (ops.py) applies to both.
 """
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from . import reference
+from ._native import build_info
 from .formats import NestedState
 
 # Device types lowbit may have native kernels for (csrc/<device>/): what native_devices() asks about.
@@ -45,9 +49,34 @@ def native_devices(op: str) -> list[str]:
     return [d for d in KERNEL_DEVICES if torch._C._dispatch_has_kernel_for_dispatch_key(f"lowbit::{op}", d.upper())]
 
 
+# What the fallback has warned about: a device this build has no kernels for at all, or (device, op).
+_warned: set = set()
+
+
+def _warn_once(name: str, device: str) -> None:
+    built = device == "cpu" or (device == "cuda" and build_info()["cuda"])
+    key = (device, name) if built else device
+    if key in _warned:
+        return
+    _warned.add(key)
+    if built:
+        reason = f"lowbit has no native {device} kernel for {name} yet"
+    elif device == "cuda":
+        reason = ("this lowbit was built without CUDA kernels (lowbit.build_info()['cuda'] is False); rebuild with "
+                  "them: LOWBIT_CUDA=ON pip install --no-build-isolation --force-reinstall --no-deps lowbit (a CUDA "
+                  "torch and an nvcc for its CUDA version)")  # fmt: skip
+    else:
+        reason = f"lowbit has no kernels for {device} devices"
+    warnings.warn(f"{reason}: its ops run the plain-PyTorch reference there, which is much slower", RuntimeWarning,
+                  stacklevel=3)  # fmt: skip
+
+
 def _kernel(name: str):
-    # Looked up per call, so a test can watch which calls reach the reference.
-    return lambda *args: REFERENCE_KERNELS[name](*args)
+    def run(*args):
+        _warn_once(name, next(a.device.type for a in args if isinstance(a, torch.Tensor)))
+        return REFERENCE_KERNELS[name](*args)  # looked up per call, so a test can watch which calls reach it
+
+    return run
 
 
 # At import, so once per process (`lowbit/__init__.py` imports this module after the native library).

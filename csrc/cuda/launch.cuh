@@ -1,0 +1,40 @@
+// What every lowbit CUDA kernel file shares: the launch discipline (device guard, current stream,
+// checked launches) and the block-wide reductions the blockwise quantizers need.
+#pragma once
+
+#include <ATen/Dispatch.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include <cstdint>
+
+// The activation and output dtypes lowbit computes in (validate.h rejects the rest): no double kernels.
+#define LOWBIT_DISPATCH_FLOAT_TYPES(TYPE, NAME, ...)                                                 \
+  AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__)                        \
+                                     AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__)                     \
+                                         AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
+
+namespace lowbit::cuda {
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// The stream every kernel launches on: the caller's current stream on the input's device, so lowbit
+// ops order with the rest of the program and can be captured in CUDA graphs.
+inline cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
+
+// Max over the CTA (blockDim.x a multiple of 32, at most 1024): warp shuffles, then one value per warp
+// through shared memory. Every thread gets the result.
+__device__ inline float block_max(float v) {
+  __shared__ float per_warp[32];
+  for (int offset = 16; offset > 0; offset >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, offset));
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
+  if (lane == 0) per_warp[warp] = v;
+  __syncthreads();
+  v = lane < warps ? per_warp[lane] : 0.f;
+  for (int offset = 16; offset > 0; offset >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, offset));
+  __syncthreads();  // per_warp may be reused by the caller's next reduction
+  return v;
+}
+
+}  // namespace lowbit::cuda

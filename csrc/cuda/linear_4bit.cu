@@ -1,0 +1,162 @@
+// y = x @ dequant(W).T + bias for a 4-bit weight on CUDA. Two regimes, as on the CPU:
+//  * few rows of x (decode, M <= kMaxGemvRows): a fused dequantize-GEMV that reads the bitsandbytes
+//    layout as stored. At M = 1 the weight's bytes are the whole cost (0.5625 B per weight with float32
+//    absmax per 64), so the kernel is built to stream them: each lane loads 16 bytes (32 weights) at a
+//    time with a cache-streaming load (the weight is read once; x, reused by every row, stays cached),
+//    decodes each byte to two floats with one shared-memory load from a 256-entry pair table (cheaper
+//    than a shuffle per nibble), accumulates code * x over the 32 weights in float32 and applies the
+//    block's scale once per chunk (a chunk never spans two blocks: blocksize >= 32), and reuses each
+//    decoded weight for every row of x. One warp per output row, 4 warps per CTA, a warp-shuffle reduce.
+//    Needs K % blocksize == 0 (rows start on 16-byte boundaries, blocks never span rows) and 16-byte
+//    aligned tensors; other shapes take the path below.
+//  * everything else: dequantize the weight into x's dtype and call cuBLAS through at::linear, so the
+//    dequantization is amortized over the M rows.
+// Not yet here (measured on a GPU first): split-K for short outputs, a tensor-core kernel for medium M.
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <cstring>
+
+#include "cuda/launch.cuh"
+#include "formats.h"
+#include "validate.h"
+#include "weight4.h"
+
+namespace lowbit {
+namespace {
+
+constexpr int kMaxGemvRows = 8;
+constexpr int kGemvWarps = 4;
+constexpr int kChunk = 32;  // weights per 16-byte load
+constexpr int kElementwiseThreads = 256;
+
+// 32 consecutive values of x as floats, in 16-byte loads (p is 16-byte aligned).
+template <typename T>
+__device__ inline void load_chunk(const T* __restrict__ p, float* out) {
+  constexpr int kPerLoad = 16 / sizeof(T);
+#pragma unroll
+  for (int v = 0; v < kChunk / kPerLoad; ++v) {
+    const uint4 raw = __ldg(reinterpret_cast<const uint4*>(p) + v);
+    T values[kPerLoad];
+    memcpy(values, &raw, sizeof(raw));
+#pragma unroll
+    for (int j = 0; j < kPerLoad; ++j) out[v * kPerLoad + j] = static_cast<float>(values[j]);
+  }
+}
+
+template <typename T, int M>
+__global__ void __launch_bounds__(kGemvWarps * 32)
+    gemv_4bit_kernel(Weight4 w, const T* __restrict__ x, const T* __restrict__ bias, T* __restrict__ out) {
+  __shared__ float2 pairs[256];  // byte -> (value of its high nibble, value of its low nibble)
+  for (int i = threadIdx.x; i < 256; i += blockDim.x) pairs[i] = make_float2(w.table[i >> 4], w.table[i & 15]);
+  __syncthreads();
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int64_t n = static_cast<int64_t>(blockIdx.x) * kGemvWarps + warp;
+  if (n >= w.N) return;
+  const int64_t chunks = w.K / kChunk;
+  const uint4* row = reinterpret_cast<const uint4*>(w.packed + n * (w.K / 2));
+  float acc[M];
+#pragma unroll
+  for (int m = 0; m < M; ++m) acc[m] = 0.f;
+  for (int64_t c = lane; c < chunks; c += 32) {
+    const uint4 packed = __ldcs(row + c);
+    uint8_t bytes[16];
+    memcpy(bytes, &packed, sizeof(packed));
+    float weights[kChunk];
+#pragma unroll
+    for (int j = 0; j < 16; ++j) {
+      const float2 pair = pairs[bytes[j]];
+      weights[2 * j] = pair.x;
+      weights[2 * j + 1] = pair.y;
+    }
+    const float scale = w.scale((n * w.K + c * kChunk) / w.blocksize);
+#pragma unroll
+    for (int m = 0; m < M; ++m) {
+      float xs[kChunk];
+      load_chunk(x + m * w.K + c * kChunk, xs);
+      float dot = 0.f;
+#pragma unroll
+      for (int j = 0; j < kChunk; ++j) dot = fmaf(weights[j], xs[j], dot);
+      acc[m] = fmaf(dot, scale, acc[m]);
+    }
+  }
+#pragma unroll
+  for (int m = 0; m < M; ++m) {
+    float v = acc[m];
+    for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
+    if (lane == 0) out[m * w.N + n] = static_cast<T>(bias ? v + static_cast<float>(bias[n]) : v);
+  }
+}
+
+// The whole weight, dequantized (flat index order, so blocks may span rows and rows may start mid-byte).
+template <typename T>
+__global__ void dequantize_weight_kernel(Weight4 w, T* __restrict__ out) {
+  const int64_t n = w.N * w.K;
+  const int64_t i = 2 * (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x);
+  if (i >= n) return;
+  const float scale = w.scale(i / w.blocksize);  // i is even and blocksize even: i + 1 is in the same block
+  out[i] = static_cast<T>(w.value(i, scale));
+  if (i + 1 < n) out[i + 1] = static_cast<T>(w.value(i + 1, scale));
+}
+
+bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+template <typename T>
+void launch_gemv(const Weight4& w, const T* x, const T* bias, T* out, int64_t M) {
+  const dim3 grid(cuda::ceil_div(w.N, kGemvWarps)), block(kGemvWarps * 32);
+  const cudaStream_t stream = cuda::current_stream();
+  switch (M) {
+#define LOWBIT_GEMV_CASE(ROWS) \
+  case ROWS: gemv_4bit_kernel<T, ROWS><<<grid, block, 0, stream>>>(w, x, bias, out); break;
+    LOWBIT_GEMV_CASE(1) LOWBIT_GEMV_CASE(2) LOWBIT_GEMV_CASE(3) LOWBIT_GEMV_CASE(4)
+    LOWBIT_GEMV_CASE(5) LOWBIT_GEMV_CASE(6) LOWBIT_GEMV_CASE(7) LOWBIT_GEMV_CASE(8)
+#undef LOWBIT_GEMV_CASE
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+at::Tensor linear_4bit_cuda(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
+                            int64_t blocksize, c10::string_view quant_type, at::IntArrayRef weight_shape,
+                            const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& nested_absmax,
+                            const std::optional<at::Tensor>& nested_code, double nested_offset,
+                            int64_t nested_blocksize) {
+  const QuantType type = validate_linear_4bit(x, packed, absmax, blocksize, quant_type,
+                                              c10::fromIntArrayRefSlow(weight_shape), bias, nested_absmax,
+                                              nested_code, nested_offset, nested_blocksize);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const int64_t N = weight_shape[0], K = weight_shape[1];
+  const Weight4Tensors weight(packed, absmax, type, N, K, blocksize, nested_absmax, nested_code, nested_offset,
+                              nested_blocksize);
+  const int64_t M = c10::multiply_integers(x.sizes().begin(), x.sizes().end() - 1);
+  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
+  out_shape.back() = N;
+  const at::Tensor x2 = x.reshape({M, K}).contiguous();
+  // The bias in x's dtype, as the reference adds it.
+  const std::optional<at::Tensor> bias_x = bias ? std::optional(bias->to(x.scalar_type()).contiguous()) : std::nullopt;
+  at::Tensor out;
+  const bool gemv = M >= 1 && M <= kMaxGemvRows && N > 0 && K > 0 && K % blocksize == 0 &&
+                    aligned16(weight.view.packed) && aligned16(x2.const_data_ptr());
+  LOWBIT_DISPATCH_FLOAT_TYPES(x.scalar_type(), "linear_4bit_cuda", [&] {
+    if (gemv) {
+      out = at::empty({M, N}, x2.options());
+      launch_gemv(weight.view, x2.const_data_ptr<scalar_t>(),
+                  bias_x ? bias_x->const_data_ptr<scalar_t>() : nullptr, out.data_ptr<scalar_t>(), M);
+      return;
+    }
+    at::Tensor W = at::empty({N, K}, x2.options());
+    const int64_t pairs = cuda::ceil_div(N * K, 2);
+    if (pairs > 0) {
+      dequantize_weight_kernel<scalar_t><<<cuda::ceil_div(pairs, kElementwiseThreads), kElementwiseThreads, 0,
+                                           cuda::current_stream()>>>(weight.view, W.data_ptr<scalar_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+    out = at::linear(x2, W, bias_x);
+  });
+  return out.reshape(out_shape);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(lowbit, CUDA, m) { m.impl("linear_4bit", &linear_4bit_cuda); }
+
+}  // namespace lowbit

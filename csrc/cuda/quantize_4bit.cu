@@ -1,0 +1,115 @@
+// 4-bit blockwise quantization and dequantization on CUDA: the same bytes and values as the CPU kernels
+// (csrc/cpu/quantize_4bit.cpp), so a model quantized on either device saves the same checkpoint.
+//
+// quantize_4bit: one CTA per block of the flattened input (blocksize 32..4096). Its threads find the
+// block's absmax with a block reduction, then encode pairs of elements into bytes. The arithmetic is the
+// CPU's, operation for operation (formats.h mul_rn/div_rn: never fused): a full block multiplies by the
+// reciprocal of its absmax, a final partial block divides, and the codebook's midpoints decide ties.
+// dequantize_4bit: one thread per packed byte; both of its elements lie in one block (blocksize is even).
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include "checks.h"
+#include "cuda/launch.cuh"
+#include "formats.h"
+#include "validate.h"
+
+namespace lowbit {
+namespace {
+
+constexpr int kQuantizeThreads = 256;
+constexpr int kElementwiseThreads = 256;
+
+template <typename scalar_t>
+__global__ void quantize_4bit_kernel(const scalar_t* __restrict__ src, int64_t n, int64_t blocksize,
+                                     Codebook4 book, uint8_t* __restrict__ packed, float* __restrict__ absmax,
+                                     int* __restrict__ non_finite) {
+  const int64_t start = static_cast<int64_t>(blockIdx.x) * blocksize;
+  const int64_t len = min(blocksize, n - start);
+  float amax = 0.f;
+  bool finite = true;
+  for (int64_t i = threadIdx.x; i < len; i += blockDim.x) {
+    const float v = static_cast<float>(src[start + i]);
+    amax = fmaxf(amax, fabsf(v));
+    finite &= isfinite(v);
+  }
+  if (!finite) atomicExch(non_finite, 1);
+  amax = cuda::block_max(amax);
+  if (threadIdx.x == 0) absmax[blockIdx.x] = amax;
+  const float denom = fmaxf(amax, kMinAbsmax);
+  const bool full = len == blocksize;
+  const float inv = div_rn(1.0f, denom);
+  auto encode = [&](float v) {
+    const float scaled = full ? mul_rn(v, inv) : div_rn(v, denom);
+    return book.encode(fminf(fmaxf(scaled, -1.0f), 1.0f));
+  };
+  for (int64_t i = 2 * threadIdx.x; i < len; i += 2 * blockDim.x) {
+    const uint8_t even = encode(static_cast<float>(src[start + i]));
+    const uint8_t odd = i + 1 < len ? encode(static_cast<float>(src[start + i + 1])) : book.zero_code;
+    packed[(start + i) / 2] = pack_codes(even, odd);
+  }
+}
+
+template <typename scalar_t>
+__global__ void dequantize_4bit_kernel(const uint8_t* __restrict__ packed, const float* __restrict__ absmax,
+                                       int64_t n, int64_t blocksize, Codebook4 book, scalar_t* __restrict__ out) {
+  const int64_t byte = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t i = 2 * byte;
+  if (i >= n) return;
+  const float scale = absmax[i / blocksize];
+  out[i] = static_cast<scalar_t>(mul_rn(book.value[code_at(packed, i)], scale));
+  if (i + 1 < n) out[i + 1] = static_cast<scalar_t>(mul_rn(book.value[code_at(packed, i + 1)], scale));
+}
+
+std::tuple<at::Tensor, at::Tensor> quantize_4bit_cuda(const at::Tensor& A, int64_t blocksize,
+                                                      c10::string_view quant_type) {
+  const Codebook4 book = codebook(validate_quantize_4bit(A, blocksize, quant_type));
+  const c10::cuda::CUDAGuard guard(A.device());
+  const at::Tensor a = A.contiguous();
+  const int64_t n = a.numel();
+  const int64_t nblocks = cuda::ceil_div(n, blocksize);
+  at::Tensor packed = at::empty({(n + 1) / 2, 1}, a.options().dtype(at::kByte));
+  at::Tensor absmax = at::empty({nblocks}, a.options().dtype(at::kFloat));
+  if (n == 0) return {packed, absmax};
+  at::Tensor non_finite = at::zeros({1}, a.options().dtype(at::kInt));
+  LOWBIT_DISPATCH_FLOAT_TYPES(a.scalar_type(), "quantize_4bit_cuda", [&] {
+    quantize_4bit_kernel<scalar_t><<<nblocks, kQuantizeThreads, 0, cuda::current_stream()>>>(
+        a.const_data_ptr<scalar_t>(), n, blocksize, book, packed.data_ptr<uint8_t>(), absmax.data_ptr<float>(),
+        non_finite.data_ptr<int>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  // The CPU kernel refuses non-finite input; so must this one. Reading the flag syncs the stream, which a
+  // quantizer (run once per weight, never in a forward) can afford.
+  check_finite_input(non_finite.item<int>() == 0, "lowbit.quantize_4bit");
+  return {packed, absmax};
+}
+
+at::Tensor dequantize_4bit_cuda(const at::Tensor& packed, const at::Tensor& absmax, int64_t blocksize,
+                                c10::string_view quant_type, at::IntArrayRef shape, at::ScalarType dtype) {
+  const Codebook4 book =
+      codebook(validate_dequantize_4bit(packed, absmax, blocksize, quant_type, c10::fromIntArrayRefSlow(shape), dtype));
+  const c10::cuda::CUDAGuard guard(packed.device());
+  const at::Tensor q = packed.contiguous();
+  const at::Tensor scales = absmax.contiguous();
+  at::Tensor out = at::empty(shape, packed.options().dtype(dtype));
+  const int64_t n = out.numel();
+  if (n == 0) return out;
+  const int64_t threads = cuda::ceil_div(n, 2);
+  LOWBIT_DISPATCH_FLOAT_TYPES(dtype, "dequantize_4bit_cuda", [&] {
+    dequantize_4bit_kernel<scalar_t><<<cuda::ceil_div(threads, kElementwiseThreads), kElementwiseThreads, 0,
+                                       cuda::current_stream()>>>(q.const_data_ptr<uint8_t>(),
+                                                                 scales.const_data_ptr<float>(), n, blocksize, book,
+                                                                 out.data_ptr<scalar_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(lowbit, CUDA, m) {
+  m.impl("quantize_4bit", &quantize_4bit_cuda);
+  m.impl("dequantize_4bit", &dequantize_4bit_cuda);
+}
+
+}  // namespace lowbit
