@@ -1,16 +1,31 @@
 #!/usr/bin/env bash
-# One device run: build lowbit against the GPU machine's CUDA torch (LOWBIT_CUDA=AUTO turns CUDA on),
-# run the tests there (CUDA tensors included), and write logs under $OUT.
-#   locally: OUT=/tmp/gpu bash scripts/gpu_check.sh     (the CUDA tests skip without a GPU)
+# One device run, everything a GPU must check, logs and JSON under $OUT (each step runs even if one before
+# it failed; the exit status says whether all passed):
+#   1. build lowbit with its CUDA kernels for the GPU present (LOWBIT_CUDA=ON);
+#   2. the CUDA cases of the op, fallback and layer tests, and tests/test_cuda.py;
+#   3. tests/test_cuda.py under compute-sanitizer memcheck (some machines refuse it: then the log says so);
+#   4. benchmarks/bench_cuda.py (bench_cuda.json).
+# Budget: about 8 minutes on an H200 machine, so a 15-minute lease leaves room for one rerun.
+#   locally: OUT=/tmp/gpu bash scripts/gpu_check.sh     (without a GPU the build fails or the CUDA tests skip)
 set -uo pipefail
 OUT=${OUT:-/tmp/lowbit-gpu-check}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
-if compgen -G ".whl/*.whl" >/dev/null; then  # test-only wheels the machine lacks (expecttest)
+status=0
+step() {  # step NAME COMMAND...: run, log to $OUT/NAME.log, remember a failure
+  echo "== $1"
+  "${@:2}" >"$OUT/$1.log" 2>&1 || { echo "   FAILED (see $1.log)"; status=1; }
+  tail -5 "$OUT/$1.log"
+}
+if compgen -G ".whl/*.whl" >/dev/null; then  # test-only wheels the machine lacks
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
 fi
 (nvidia-smi || true) >"$OUT/nvidia-smi.txt" 2>&1
-python3 -m pip install --no-build-isolation --no-deps -e . >"$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
-python3 -c "import json, lowbit, torch; print(json.dumps({**lowbit.build_info(), 'torch_runtime': torch.__version__, 'gpu': torch.cuda.get_device_name() if torch.cuda.is_available() else None}))" | tee "$OUT/build_info.json"
-python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_ops.py tests/test_fallback.py tests/test_nn.py tests/test_config_and_quantize.py \
-  tests/test_transformers.py 2>&1 | tee "$OUT/pytest.log" | tail -25
+step build env LOWBIT_CUDA=ON MAX_JOBS=16 python3 -m pip install --no-build-isolation --no-deps -e .
+python3 -c "import json, lowbit, torch; print(json.dumps({**lowbit.build_info(), 'torch_runtime': torch.__version__, 'gpu': torch.cuda.get_device_name() if torch.cuda.is_available() else None}))" >"$OUT/build_info.json" 2>&1
+cat "$OUT/build_info.json"
+step tests python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_fallback.py \
+  "tests/test_ops.py" "tests/test_nn.py" -k "cuda or test_cuda or fallback"
+step sanitizer compute-sanitizer --tool memcheck --error-exitcode 1 python3 -m pytest -q -p no:cacheprovider -x tests/test_cuda.py
+step bench python3 benchmarks/bench_cuda.py --out "$OUT"
+exit $status

@@ -1,6 +1,7 @@
-"""On a CUDA machine: lowbit layers and ops on CUDA tensors agree with the CPU kernels. Until
-csrc/cuda/ has kernels, CUDA tensors run lowbit.reference; these tests hold that path to the same
-bytes and outputs as the native CPU kernels. Skipped where no GPU is present."""
+"""On a CUDA machine: what the device-parametrized op tests cannot show. Layers moved to CUDA and models
+loaded there give the CPU's answers; the CUDA linear_4bit's two paths (fused GEMV, dequantize + cuBLAS)
+agree with the CPU kernel; it is captured by CUDA graphs and compiled whole. Ops without a CUDA kernel run
+lowbit.reference. Skipped where no GPU is present."""
 
 import pytest
 import torch
@@ -44,3 +45,51 @@ def test_quantize_model_on_cuda():
     assert isinstance(model[0], lowbit.Linear4bit) and model[0].weight.is_cuda
     out = model(x)
     assert (out - expected).norm() / expected.norm() < 0.1
+
+
+def _nf4_layer(k, n, double_quant=True, dtype=torch.bfloat16):
+    linear = torch.nn.Linear(k, n, device="cuda", dtype=dtype)
+    return lowbit.Linear4bit.from_linear(linear, quant_type="nf4", double_quant=double_quant)
+
+
+@pytest.mark.parametrize("rows", [1, 8, 9, 64])  # the fused GEMV up to 8 rows, dequantize + cuBLAS beyond
+def test_linear_4bit_cuda_paths_match_the_cpu_kernel(rows):
+    layer = _nf4_layer(4096, 1024, dtype=torch.float32)
+    x = torch.randn(rows, 4096)
+    expected = layer.to("cpu")(x)
+    torch.testing.assert_close(layer.to("cuda")(x.cuda()).cpu(), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_linear_4bit_is_captured_by_a_cuda_graph():
+    layer = _nf4_layer(4096, 1024)
+    static_x = torch.randn(1, 4096, device="cuda", dtype=torch.bfloat16)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        layer(static_x)  # warm up outside the capture
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = layer(static_x)
+    fresh = torch.randn(1, 4096, device="cuda", dtype=torch.bfloat16)
+    static_x.copy_(fresh)
+    graph.replay()
+    assert torch.equal(static_out, layer(fresh))
+
+
+def test_linear_4bit_compiles_fullgraph_on_cuda():
+    layer = _nf4_layer(4096, 1024)
+    x = torch.randn(3, 4096, device="cuda", dtype=torch.bfloat16)
+    torch.testing.assert_close(torch.compile(layer, fullgraph=True)(x), layer(x))
+
+
+def test_model_loaded_on_cuda_gives_the_cpu_answers(tiny_llama_dir):
+    from transformers import AutoModelForCausalLM
+
+    config = lowbit.LowbitConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True)
+    ids = torch.randint(0, 256, (1, 16), generator=torch.Generator().manual_seed(0))
+    on_cpu = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, quantization_config=config)
+    on_gpu = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, quantization_config=config, device_map="cuda")
+    with torch.no_grad():
+        torch.testing.assert_close(on_gpu(ids.cuda()).logits.cpu(), on_cpu(ids).logits, rtol=1e-4, atol=1e-4)
+    assert all(torch.equal(v.cpu(), on_cpu.state_dict()[k]) for k, v in on_gpu.state_dict().items())
