@@ -8,6 +8,7 @@
 #include <optional>
 
 #include "formats.h"
+#include "validate.h"
 
 namespace lowbit {
 
@@ -38,5 +39,19 @@ struct Weight4Tensors {
     view.nested_blocksize = nested_blocksize;
   }
 };
+
+// What every device's linear_4bit kernel starts with: the op's arguments validated, and its weight's view.
+inline Weight4Tensors validated_weight4(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
+                                        int64_t blocksize, std::string_view quant_type, at::IntArrayRef weight_shape,
+                                        const std::optional<at::Tensor>& bias,
+                                        const std::optional<at::Tensor>& nested_absmax,
+                                        const std::optional<at::Tensor>& nested_code, double nested_offset,
+                                        int64_t nested_blocksize) {
+  const QuantType type = validate_linear_4bit(x, packed, absmax, blocksize, quant_type,
+                                              c10::fromIntArrayRefSlow(weight_shape), bias, nested_absmax,
+                                              nested_code, nested_offset, nested_blocksize);
+  return Weight4Tensors(packed, absmax, type, weight_shape[0], weight_shape[1], blocksize, nested_absmax, nested_code,
+                        nested_offset, nested_blocksize);
+}
 
 }  // namespace lowbit

@@ -120,13 +120,10 @@ at::Tensor linear_4bit_cuda(const at::Tensor& x, const at::Tensor& packed, const
                             const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& nested_absmax,
                             const std::optional<at::Tensor>& nested_code, double nested_offset,
                             int64_t nested_blocksize) {
-  const QuantType type = validate_linear_4bit(x, packed, absmax, blocksize, quant_type,
-                                              c10::fromIntArrayRefSlow(weight_shape), bias, nested_absmax,
-                                              nested_code, nested_offset, nested_blocksize);
+  const Weight4Tensors weight = validated_weight4(x, packed, absmax, blocksize, quant_type, weight_shape, bias,
+                                                  nested_absmax, nested_code, nested_offset, nested_blocksize);
   const c10::cuda::CUDAGuard guard(x.device());
-  const int64_t N = weight_shape[0], K = weight_shape[1];
-  const Weight4Tensors weight(packed, absmax, type, N, K, blocksize, nested_absmax, nested_code, nested_offset,
-                              nested_blocksize);
+  const int64_t N = weight.view.N, K = weight.view.K;
   const int64_t M = c10::multiply_integers(x.sizes().begin(), x.sizes().end() - 1);
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
   out_shape.back() = N;
