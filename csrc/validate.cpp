@@ -3,6 +3,7 @@
 #include "validate.h"
 
 #include <ATen/ATen.h>
+#include <c10/util/safe_numerics.h>
 
 #include <cfloat>
 #include <cmath>
@@ -27,6 +28,11 @@ c10::SymInt numel_of(c10::SymIntArrayRef shape, const char* op) {
   c10::SymInt n = 1;
   for (const c10::SymInt& s : shape) {
     LOWBIT_CHECK_SIZES(s.sym_ge(0), op, ": negative size in shape ", shape);
+    if (!n.is_symbolic() && !s.is_symbolic()) {  // a product that wraps around would pass the size checks
+      int64_t product = 0;
+      TORCH_CHECK_VALUE(!c10::mul_overflows(n.as_int_unchecked(), s.as_int_unchecked(), &product), op, ": shape ",
+                        shape, " has more elements than an int64 counts");
+    }
     n = n * s;
   }
   return n;
@@ -70,7 +76,7 @@ void validate_quantize_blockwise(const at::Tensor& A, const at::Tensor& code, in
   if (code.is_meta()) return;
   // The kernels binary-search the code. Reading 256 values costs a device sync on a GPU, which a
   // quantizer (run once per weight, never in a forward) can afford.
-  const at::Tensor descending = at::nonzero(code.diff() < 0);
+  const at::Tensor descending = at::nonzero(~(code.diff() >= 0));  // NaN entries fail too
   TORCH_CHECK_VALUE(descending.numel() == 0, op, ": code must be sorted ascending (entry ",
                     descending.numel() ? descending[0][0].item<int64_t>() + 1 : 0, ")");
 }

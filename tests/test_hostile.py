@@ -173,6 +173,23 @@ def test_meta_calls_raise_what_cpu_calls_raise(case, device):
         call(device)
 
 
+def test_a_code_with_nan_is_not_sorted():
+    code = torch.linspace(-1, 1, 256)
+    code[100] = float("nan")
+    with pytest.raises(ValueError, match=r"code must be sorted ascending \(entry 100\)"):
+        ops.quantize_blockwise(torch.randn(512), code, 256)
+
+
+@pytest.mark.parametrize("call", [
+    lambda: ops.linear_4bit(torch.randn(1, 4), torch.zeros(0, 1, dtype=torch.uint8), torch.zeros(0), 64, "nf4",
+                            (2**62, 4)),
+    lambda: ops.dequantize_4bit(torch.zeros(0, 1, dtype=torch.uint8), torch.zeros(0), 64, "nf4", (2**32, 2**32)),
+])  # fmt: skip
+def test_shapes_whose_size_overflows_int64_are_refused(call):
+    with pytest.raises(ValueError, match="more elements than an int64 counts"):
+        call()
+
+
 def test_torch_compile_reports_the_validators_error():
     compiled = torch.compile(lambda x: ops.quantize_4bit(x, 48), fullgraph=True)
     with pytest.raises(Exception, match=re.escape("lowbit.quantize_4bit: blocksize must be a power of two")):

@@ -144,6 +144,19 @@ def full_precision_twin(path, peft_model):
     return twin
 
 
+def test_fan_in_fan_out_is_turned_off_as_for_nn_linear(tiny_llama_dir):
+    config = LoraConfig(r=4, target_modules=["o_proj"], fan_in_fan_out=True, init_lora_weights=False)
+    with pytest.warns(UserWarning, match="fan_in_fan_out=True does not apply to lowbit layers"):
+        model = get_peft_model(load(tiny_llama_dir, "nf4"), config)
+    layer = next(m for m in model.modules() if isinstance(m, lora_linear_class()))
+    expected = layer.get_base_layer().dequantize().float() + layer.get_delta_weight("default")
+    model.merge_adapter()
+    merged = layer.get_base_layer()
+    requantized = lowbit.Linear4bit.from_linear(torch.nn.Linear(merged.in_features, merged.out_features), quant_type="nf4")
+    requantized.quantize_weight_(expected.detach())
+    assert torch.equal(merged.weight, requantized.weight)  # the delta was added untransposed
+
+
 @pytest.mark.parametrize("option, value, match", [
     ("use_dora", True, r"use_dora=.*not supported on lowbit layers"),
     ("lora_bias", True, r"lora_bias=.*not supported on lowbit layers"),

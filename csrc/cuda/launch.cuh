@@ -19,6 +19,12 @@ namespace lowbit::cuda {
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// A launch's number of CTAs, refused beyond what gridDim.x holds rather than truncated.
+inline unsigned int grid_size(int64_t ctas, const char* op) {
+  TORCH_CHECK_VALUE(ctas <= 2147483647, op, ": the input is too large for one launch (", ctas, " CTAs)");
+  return static_cast<unsigned int>(ctas);
+}
+
 // The stream every kernel launches on: the caller's current stream on the input's device, so lowbit
 // ops order with the rest of the program and can be captured in CUDA graphs.
 inline cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }

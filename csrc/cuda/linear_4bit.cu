@@ -7,8 +7,9 @@
 //    than a shuffle per nibble), accumulates code * x over the 32 weights in float32 and applies the
 //    block's scale once per chunk (a chunk never spans two blocks: blocksize >= 32), and reuses each
 //    decoded weight for every row of x. One warp per output row, 4 warps per CTA, a warp-shuffle reduce.
-//    Needs K % blocksize == 0 (rows start on 16-byte boundaries, blocks never span rows) and 16-byte
-//    aligned tensors; other shapes take the path below.
+//    Needs K % 32 == 0 (rows start on 16-byte boundaries, and a 32-weight chunk never spans two blocks even
+//    where blocks span rows: block boundaries are multiples of blocksize >= 32) and 16-byte aligned tensors;
+//    other shapes take the path below.
 //  * everything else: dequantize the weight into x's dtype and call cuBLAS through at::linear, so the
 //    dequantization is amortized over the M rows.
 // Not yet here (measured on a GPU first): split-K for short outputs, a tensor-core kernel for medium M.
@@ -103,7 +104,7 @@ bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0;
 
 template <typename T>
 void launch_gemv(const Weight4& w, const T* x, const T* bias, T* out, int64_t M) {
-  const dim3 grid(cuda::ceil_div(w.N, kGemvWarps)), block(kGemvWarps * 32);
+  const dim3 grid(cuda::grid_size(cuda::ceil_div(w.N, kGemvWarps), "lowbit.linear_4bit")), block(kGemvWarps * 32);
   const cudaStream_t stream = cuda::current_stream();
   switch (M) {
 #define LOWBIT_GEMV_CASE(ROWS) \
@@ -131,7 +132,7 @@ at::Tensor linear_4bit_cuda(const at::Tensor& x, const at::Tensor& packed, const
   // The bias in x's dtype, as the reference adds it.
   const std::optional<at::Tensor> bias_x = bias ? std::optional(bias->to(x.scalar_type()).contiguous()) : std::nullopt;
   at::Tensor out;
-  const bool gemv = M >= 1 && M <= kMaxGemvRows && N > 0 && K > 0 && K % blocksize == 0 &&
+  const bool gemv = M >= 1 && M <= kMaxGemvRows && N > 0 && K > 0 && K % kChunk == 0 &&
                     aligned16(weight.view.packed) && aligned16(x2.const_data_ptr());
   LOWBIT_DISPATCH_FLOAT_TYPES(x.scalar_type(), "linear_4bit_cuda", [&] {
     if (gemv) {
@@ -143,7 +144,8 @@ at::Tensor linear_4bit_cuda(const at::Tensor& x, const at::Tensor& packed, const
     at::Tensor W = at::empty({N, K}, x2.options());
     const int64_t pairs = cuda::ceil_div(N * K, 2);
     if (pairs > 0) {
-      dequantize_weight_kernel<scalar_t><<<cuda::ceil_div(pairs, kElementwiseThreads), kElementwiseThreads, 0,
+      dequantize_weight_kernel<scalar_t><<<cuda::grid_size(cuda::ceil_div(pairs, kElementwiseThreads),
+                                                           "lowbit.linear_4bit"), kElementwiseThreads, 0,
                                            cuda::current_stream()>>>(weight.view, W.data_ptr<scalar_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }

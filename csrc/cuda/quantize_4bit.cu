@@ -73,7 +73,8 @@ std::tuple<at::Tensor, at::Tensor> quantize_4bit_cuda(const at::Tensor& A, int64
   if (n == 0) return {packed, absmax};
   at::Tensor non_finite = at::zeros({1}, a.options().dtype(at::kInt));
   LOWBIT_DISPATCH_FLOAT_TYPES(a.scalar_type(), "quantize_4bit_cuda", [&] {
-    quantize_4bit_kernel<scalar_t><<<nblocks, kQuantizeThreads, 0, cuda::current_stream()>>>(
+    quantize_4bit_kernel<scalar_t><<<cuda::grid_size(nblocks, "lowbit.quantize_4bit"), kQuantizeThreads, 0,
+                                    cuda::current_stream()>>>(
         a.const_data_ptr<scalar_t>(), n, blocksize, book, packed.data_ptr<uint8_t>(), absmax.data_ptr<float>(),
         non_finite.data_ptr<int>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -96,7 +97,8 @@ at::Tensor dequantize_4bit_cuda(const at::Tensor& packed, const at::Tensor& absm
   if (n == 0) return out;
   const int64_t threads = cuda::ceil_div(n, 2);
   LOWBIT_DISPATCH_FLOAT_TYPES(dtype, "dequantize_4bit_cuda", [&] {
-    dequantize_4bit_kernel<scalar_t><<<cuda::ceil_div(threads, kElementwiseThreads), kElementwiseThreads, 0,
+    dequantize_4bit_kernel<scalar_t><<<cuda::grid_size(cuda::ceil_div(threads, kElementwiseThreads),
+                                                       "lowbit.dequantize_4bit"), kElementwiseThreads, 0,
                                        cuda::current_stream()>>>(q.const_data_ptr<uint8_t>(),
                                                                  scales.const_data_ptr<float>(), n, blocksize, book,
                                                                  out.data_ptr<scalar_t>());

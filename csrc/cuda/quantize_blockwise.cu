@@ -72,7 +72,8 @@ std::tuple<at::Tensor, at::Tensor> quantize_blockwise_cuda(const at::Tensor& A, 
   if (n == 0) return {out, absmax};
   at::Tensor non_finite = at::zeros({1}, a.options().dtype(at::kInt));
   LOWBIT_DISPATCH_FLOAT_TYPES(a.scalar_type(), "quantize_blockwise_cuda", [&] {
-    quantize_blockwise_kernel<scalar_t><<<nblocks, kQuantizeThreads, 0, cuda::current_stream()>>>(
+    quantize_blockwise_kernel<scalar_t><<<cuda::grid_size(nblocks, "lowbit.quantize_blockwise"), kQuantizeThreads, 0,
+                                         cuda::current_stream()>>>(
         a.const_data_ptr<scalar_t>(), table.const_data_ptr<float>(), n, blocksize, out.data_ptr<uint8_t>(),
         absmax.data_ptr<float>(), non_finite.data_ptr<int>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -92,7 +93,8 @@ at::Tensor dequantize_blockwise_cuda(const at::Tensor& A, const at::Tensor& absm
   const int64_t n = q.numel();
   if (n == 0) return out;
   LOWBIT_DISPATCH_FLOAT_TYPES(dtype, "dequantize_blockwise_cuda", [&] {
-    dequantize_blockwise_kernel<scalar_t><<<cuda::ceil_div(n, kElementwiseThreads), kElementwiseThreads, 0,
+    dequantize_blockwise_kernel<scalar_t><<<cuda::grid_size(cuda::ceil_div(n, kElementwiseThreads),
+                                                            "lowbit.dequantize_blockwise"), kElementwiseThreads, 0,
                                             cuda::current_stream()>>>(q.const_data_ptr<uint8_t>(),
                                                                       scales.const_data_ptr<float>(),
                                                                       table.const_data_ptr<float>(), n, blocksize,

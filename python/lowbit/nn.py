@@ -213,7 +213,8 @@ class Linear4bit(QuantizedLinear):
                                                    device=device))  # fmt: skip
         self.register_buffer("quant_map", code_4bit(quant_type, device))
         if double_quant:
-            self.register_buffer("nested_absmax", torch.empty(-(-n_blocks // NESTED_BLOCKSIZE), device=device))
+            self.register_buffer("nested_absmax", torch.empty(-(-n_blocks // NESTED_BLOCKSIZE), dtype=torch.float32,
+                                                              device=device))  # fmt: skip
             self.register_buffer("nested_quant_map", dynamic_map(device))
         self.nested_offset = 0.0
 

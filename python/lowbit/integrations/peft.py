@@ -24,6 +24,7 @@ import functools
 import importlib.abc
 import importlib.machinery
 import sys
+import warnings
 
 from packaging.specifiers import SpecifierSet
 
@@ -60,7 +61,11 @@ class _PeftImportHook(importlib.abc.MetaPathFinder):
         def exec_then_install(module):
             exec_module(module)
             sys.meta_path[:] = [f for f in sys.meta_path if not isinstance(f, _PeftImportHook)]
-            install()
+            try:
+                install()
+            except Exception as e:  # never break `import peft` for people who use no lowbit layer
+                warnings.warn(f"lowbit could not connect to peft {getattr(module, '__version__', '?')} ({e!r}): "
+                              f"LoRA on lowbit layers needs peft {SUPPORTED_PEFT}", RuntimeWarning)  # fmt: skip
 
         spec.loader.exec_module = exec_then_install
         return spec
@@ -141,6 +146,10 @@ def lora_linear_class():
                     f"init_lora_weights={config.init_lora_weights!r} initializes adapters from the base weight, which "
                     f"is quantized in lowbit layers; use one of {_SUPPORTED_INITS}"
                 )
+            if config.fan_in_fan_out:  # as peft does for nn.Linear: merging would add a transposed delta
+                warnings.warn("fan_in_fan_out=True does not apply to lowbit layers (their weight is [out, in]); "
+                              "setting it to False", UserWarning)  # fmt: skip
+                config.fan_in_fan_out = False
             super().__init__(base_layer, adapter_name, config=config, **kwargs)
 
         def _get_in_out_features(self, module):
