@@ -68,6 +68,12 @@ at::Tensor int8_linear_meta(const at::Tensor& x, const at::Tensor& CB, const at:
   return at::empty_symint(with_last(x.sym_sizes(), CB.sym_size(0)), x.options());
 }
 
+at::Tensor int8_weight_linear_meta(const at::Tensor& x, const at::Tensor& CB, const at::Tensor& SCB,
+                                   const std::optional<at::Tensor>& bias) {
+  validate_int8_weight_linear(x, CB, SCB, bias);
+  return at::empty_symint(with_last(x.sym_sizes(), CB.sym_size(0)), x.options());
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(lowbit, Meta, m) {
@@ -78,6 +84,7 @@ TORCH_LIBRARY_IMPL(lowbit, Meta, m) {
   m.impl("linear_4bit", &linear_4bit_meta);
   m.impl("int8_mm", &int8_mm_meta);
   m.impl("int8_linear", &int8_linear_meta);
+  m.impl("int8_weight_linear", &int8_weight_linear_meta);
 }
 
 }  // namespace lowbit

@@ -31,4 +31,7 @@ TORCH_LIBRARY(lowbit, m) {
   // plus the outlier columns in float against the dequantized weight columns, plus bias.
   // CB int8 [N, K] = round(W * 127 / SCB), SCB float32 [N] = row absmax of W.
   m.def("int8_linear(Tensor x, Tensor CB, Tensor SCB, float threshold=0.0, Tensor? bias=None) -> Tensor");
+  // y = x @ (CB * SCB / 127).T + bias: the same int8 weight, with activations kept in floating point
+  // (weight-only int8, W8A16): no activation rounding, no outlier columns.
+  m.def("int8_weight_linear(Tensor x, Tensor CB, Tensor SCB, Tensor? bias=None) -> Tensor");
 }

@@ -160,9 +160,11 @@ void validate_int8_mm(const at::Tensor& A, const at::Tensor& B) {
   check_k(A.sym_size(1), op, "K");
 }
 
-void validate_int8_linear(const at::Tensor& x, const at::Tensor& CB, const at::Tensor& SCB, double threshold,
-                          const std::optional<at::Tensor>& bias) {
-  const char* op = "lowbit.int8_linear";
+namespace {
+
+// The int8 weight (CB) and row scales (SCB) of a linear op, against x.
+void check_int8_weight(const at::Tensor& x, const at::Tensor& CB, const at::Tensor& SCB,
+                       const std::optional<at::Tensor>& bias, const char* op) {
   check_float(x, op, "x");
   check_at_least_1d(x, op, "x");
   check_dtype(CB, at::kChar, op, "weight (CB)");
@@ -170,13 +172,25 @@ void validate_int8_linear(const at::Tensor& x, const at::Tensor& CB, const at::T
   check_same_device(x, CB, op, "weight (CB)");
   check_same_device(x, SCB, op, "SCB");
   TORCH_CHECK_VALUE(CB.dim() == 2, op, ": weight (CB) must be 2-D [out_features, in_features], got ", CB.sym_sizes());
-  const c10::SymInt& N = CB.sym_size(0);
-  const c10::SymInt& K = CB.sym_size(1);
-  LOWBIT_CHECK_SIZES(x.sym_size(-1).sym_eq(K), op, ": x has ", x.sym_size(-1), " features but the weight expects ", K);
-  check_k(K, op, "in_features");
-  check_numel(SCB, N, op, "SCB");
+  LOWBIT_CHECK_SIZES(x.sym_size(-1).sym_eq(CB.sym_size(1)), op, ": x has ", x.sym_size(-1),
+                     " features but the weight expects ", CB.sym_size(1));
+  check_numel(SCB, CB.sym_size(0), op, "SCB");
+  check_bias(bias, x, CB.sym_size(0), op);
+}
+
+}  // namespace
+
+void validate_int8_linear(const at::Tensor& x, const at::Tensor& CB, const at::Tensor& SCB, double threshold,
+                          const std::optional<at::Tensor>& bias) {
+  const char* op = "lowbit.int8_linear";
+  check_int8_weight(x, CB, SCB, bias, op);
+  check_k(CB.sym_size(1), op, "in_features");
   check_threshold(threshold, op);
-  check_bias(bias, x, N, op);
+}
+
+void validate_int8_weight_linear(const at::Tensor& x, const at::Tensor& CB, const at::Tensor& SCB,
+                                 const std::optional<at::Tensor>& bias) {
+  check_int8_weight(x, CB, SCB, bias, "lowbit.int8_weight_linear");
 }
 
 }  // namespace lowbit

@@ -40,4 +40,7 @@ void validate_int8_mm(const at::Tensor& A, const at::Tensor& B);
 void validate_int8_linear(const at::Tensor& x, const at::Tensor& CB, const at::Tensor& SCB, double threshold,
                           const std::optional<at::Tensor>& bias);
 
+void validate_int8_weight_linear(const at::Tensor& x, const at::Tensor& CB, const at::Tensor& SCB,
+                                 const std::optional<at::Tensor>& bias);
+
 }  // namespace lowbit

@@ -63,4 +63,5 @@ def op_cases(device="cpu"):
         (torch.ops.lowbit.int8_vectorwise_quant, (randn(5, 64), 0.0)),
         (torch.ops.lowbit.int8_mm, (CB[:5].contiguous(), CB)),
         (torch.ops.lowbit.int8_linear, (randn(2, 128, requires_grad=True), CB, SCB, 0.0, randn(24))),
+        (torch.ops.lowbit.int8_weight_linear, (randn(2, 128, requires_grad=True), CB, SCB, randn(24))),
     ]  # fmt: skip

@@ -101,8 +101,10 @@ def test_dequantize_blockwise(n, blocksize, dtype, seed):
 
 def assert_within_dot_bound(out, exact, magnitude, K, eps, what):
     """Within the forward-error bound of a K-term dot product computed with unit roundoff `eps`, plus the
-    final rounding to out's dtype."""
-    bound = (K + 2) * eps * magnitude + torch.finfo(out.dtype).eps * exact.abs() + torch.finfo(torch.float32).tiny
+    final rounding to out's dtype: relative for normal results, the subnormal spacing below them."""
+    out_type = torch.finfo(out.dtype)
+    final_rounding = out_type.eps * exact.abs() + out_type.smallest_normal * out_type.eps
+    bound = (K + 2) * eps * magnitude + final_rounding
     err = (out.double() - exact).abs()
     assert (err <= bound).all(), f"{what}: error {err.max():.3g} beyond the bound at {(err - bound).argmax()}"
 
@@ -187,6 +189,24 @@ def test_int8_linear(x, N, threshold, bias, isa, seed):
     assert out.shape == ref.shape == (*x.shape[:-1], N)
     for name, result in (("kernel", out), ("reference", ref)):  # both compute in float32
         assert_within_dot_bound(result, exact, magnitude + bias64.abs(), K, EPS32, f"int8_linear {name} K={K} N={N}")
+
+
+@FUZZ
+@given(x=activations(), N=st.integers(0, 20), bias=st.booleans(), isa=isas, seed=seeds)
+def test_int8_weight_linear(x, N, bias, isa, seed):
+    K = x.shape[1]
+    CB, SCB, _ = reference.int8_vectorwise_quant(values((N, K), torch.float32, seed), 0.0)
+    b = values((N,), x.dtype, seed + 1) if bias else None
+    with cpu_kernels(isa):
+        out = ops.int8_weight_linear(x, CB, SCB, b)
+    ref = reference.int8_weight_linear(x, CB, SCB, b)
+    w = CB.double() * SCB.double().unsqueeze(1) / 127
+    bias64 = torch.zeros(N, dtype=torch.float64) if b is None else b.double()
+    exact = x.double() @ w.t() + bias64
+    magnitude = x.double().abs() @ w.abs().t() + bias64.abs()
+    assert out.shape == ref.shape == (x.shape[0], N)
+    assert_within_dot_bound(out, exact, magnitude, K, EPS32, f"int8_weight_linear kernel K={K} N={N}")
+    assert_within_dot_bound(ref, exact, magnitude, K, torch.finfo(x.dtype).eps, f"int8_weight_linear reference K={K}")
 
 
 def test_every_op_is_fuzzed():

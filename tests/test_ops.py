@@ -205,6 +205,20 @@ def test_int8_linear_matches_reference(kernel_device, threshold, M, K, dtype):
     assert_close_to_exact(out, ref, exact + bias.double(), f"int8_linear M={M} K={K}")
 
 
+@pytest.mark.parametrize("M", [1, 4, 17, 65])  # the GEMV kernels up to 16 rows, the slab GEMM beyond
+@pytest.mark.parametrize("K", SIZES + [1024])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_int8_weight_linear_matches_reference(kernel_device, M, K, dtype):
+    N = 33
+    CB, SCB, _ = reference.int8_vectorwise_quant(torch.randn(N, K, device=kernel_device), 0.0)
+    x = torch.randn(M, K, device=kernel_device).to(dtype)
+    bias = torch.randn(N, device=kernel_device).to(dtype)
+    out = ops.int8_weight_linear(x, CB, SCB, bias)
+    ref = reference.int8_weight_linear(x, CB, SCB, bias)
+    exact = x.double() @ (CB.double() * SCB.double().unsqueeze(1) / 127).t() + bias.double()
+    assert_close_to_exact(out, ref, exact, f"int8_weight_linear M={M} K={K}")
+
+
 def test_int8_linear_gradient(device):
     CB, SCB, _ = reference.int8_vectorwise_quant(torch.randn(7, 32, device=device), 0.0)
     x = torch.randn(2, 32, device=device, requires_grad=True)
@@ -268,6 +282,10 @@ def test_opcheck_int8_quant_with_outliers(device):
          "x has 5 features but the weight expects 4"),
         ("int8_linear", lambda: ops.int8_linear(torch.randn(2, 4), torch.zeros(3, 4, dtype=torch.int8), torch.ones(2)), ValueError,
          "SCB has 2 elements"),
+        ("int8_weight_linear", lambda: ops.int8_weight_linear(torch.randn(2, 5), torch.zeros(3, 4, dtype=torch.int8),
+                                                              torch.ones(3)), ValueError, "x has 5 features"),
+        ("int8_weight_linear", lambda: ops.int8_weight_linear(torch.randn(2, 4), torch.zeros(3, 4), torch.ones(3)),
+         TypeError, r"weight \(CB\) must be Char"),
         ("int8_linear", lambda: ops.int8_linear(torch.randn(2, 4), torch.zeros(3, 4, dtype=torch.int8), torch.ones(3), -1.0),
          ValueError, "threshold must be finite"),
         ("int8_vectorwise_quant", lambda: ops.int8_vectorwise_quant(torch.zeros(2, 3, dtype=torch.int32)), TypeError, "A must be float32"),

@@ -11,6 +11,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "cpu/dot.h"
+#include "cpu/gemm_slabs.h"
 #include "cpu/isa.h"
 #include "formats.h"
 #include "validate.h"
@@ -26,10 +28,6 @@ constexpr int64_t kMaxFusedRows = 32;
 constexpr int64_t kMaxPortableGemvRows = 8;
 // Weight rows kept hot while all of x passes over them (16 rows of K=4096 are 32 KiB packed).
 constexpr int64_t kRowTile = 16;
-// Weight slab handed to the GEMM at a time: 4 MiB of float32. Whole small layers fit in one
-// call (at 512 rows, a 1536x576 layer took 6.6 ms this way against 9.8 ms in 1 MiB slabs, fp32
-// 6.4 ms); the slab is written once and then streamed by the GEMM, so L2 need not hold it.
-constexpr int64_t kSlabFloats = 1 << 20;
 
 // Row n of the weight into dst[0, K). Works for any K: a row may start mid-byte and blocks may span rows.
 void dequantize_row(const Weight4& w, int64_t n, float* dst) {
@@ -41,20 +39,6 @@ void dequantize_row(const Weight4& w, int64_t n, float* dst) {
     const float s = w.scale(block);
     for (; k < end; ++k) dst[k] = w.value(base + k, s);
   }
-}
-
-// 16 independent partial sums: the compiler vectorizes them, and the pairwise finish keeps the
-// rounding error of long rows close to a BLAS dot product's rather than a running sum's.
-float dot(const float* a, const float* b, int64_t K) {
-  float acc[16] = {};
-  int64_t k = 0;
-  for (; k + 16 <= K; k += 16)
-    for (int j = 0; j < 16; ++j) acc[j] += a[k + j] * b[k + j];
-  float tail = 0.f;
-  for (; k < K; ++k) tail += a[k] * b[k];
-  for (int width = 8; width > 0; width /= 2)
-    for (int j = 0; j < width; ++j) acc[j] += acc[j + width];
-  return acc[0] + tail;
 }
 
 // Portable few-rows path: dequantize one weight row into a small buffer, then dot it with each x row.
@@ -155,20 +139,6 @@ void gemv_avx512(const Weight4& w, const float* x, int64_t M, float* out) {
 }
 #endif
 
-// Many-rows path: out[:, slab] = x @ dequant(W[slab]).T, one L2-sized slab of weight rows at a time.
-// decode(n0, n1, dst) writes rows [n0, n1) in the same column order as x.
-template <typename Decode>
-void gemm_slabs(const Weight4& w, const at::Tensor& x, at::Tensor& out, const Decode& decode) {
-  const int64_t slab_rows = std::min(w.N, std::max<int64_t>(16, kSlabFloats / std::max<int64_t>(w.K, 1)));
-  at::Tensor slab = at::empty({slab_rows, w.K}, x.options());
-  for (int64_t n0 = 0; n0 < w.N; n0 += slab_rows) {
-    const int64_t rows = std::min(slab_rows, w.N - n0);
-    float* dst = slab.data_ptr<float>();
-    at::parallel_for(0, rows, 4, [&](int64_t r0, int64_t r1) { decode(n0 + r0, n0 + r1, dst + r0 * w.K); });
-    out.narrow(1, n0, rows).copy_(at::mm(x, slab.narrow(0, 0, rows).t()));
-  }
-}
-
 at::Tensor linear_4bit_cpu(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
                            int64_t blocksize, c10::string_view quant_type, at::IntArrayRef weight_shape,
                            const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& nested_absmax,
@@ -193,10 +163,10 @@ at::Tensor linear_4bit_cpu(const at::Tensor& x, const at::Tensor& packed, const 
     } else if (avx512) {
       at::Tensor xp = at::empty_like(x2);
       deinterleave_x(x2.const_data_ptr<float>(), M, K, xp.data_ptr<float>());
-      gemm_slabs(w, xp, out, [&](int64_t n0, int64_t n1, float* dst) { decode_rows_avx512(w, n0, n1, dst); });
+      gemm_slabs(w.N, w.K, xp, out, [&](int64_t n0, int64_t n1, float* dst) { decode_rows_avx512(w, n0, n1, dst); });
 #endif
     } else if (M > kMaxPortableGemvRows) {
-      gemm_slabs(w, x2, out, [&](int64_t n0, int64_t n1, float* dst) {
+      gemm_slabs(w.N, w.K, x2, out, [&](int64_t n0, int64_t n1, float* dst) {
         for (int64_t n = n0; n < n1; ++n) dequantize_row(w, n, dst + (n - n0) * w.K);
       });
     } else {

@@ -37,6 +37,7 @@ REFERENCE_KERNELS = {
     "int8_vectorwise_quant": reference.int8_vectorwise_quant,
     "int8_mm": reference.int8_mm,
     "int8_linear": reference.int8_linear,
+    "int8_weight_linear": reference.int8_weight_linear,
 }
 
 

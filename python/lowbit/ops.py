@@ -89,6 +89,13 @@ def int8_linear(
     return _ops.int8_linear(x, CB, SCB, threshold, bias)
 
 
+def int8_weight_linear(
+    x: torch.Tensor, CB: torch.Tensor, SCB: torch.Tensor, bias: Optional[torch.Tensor] = None
+) -> torch.Tensor:
+    """x @ (CB * SCB / 127).T + bias: an int8 weight with activations kept in floating point (weight-only)."""
+    return _ops.int8_weight_linear(x, CB, SCB, bias)
+
+
 def _as_bytes(packed: torch.Tensor) -> torch.Tensor:
     # Weights stored with another quant_storage dtype (for FSDP) are a view of the same bytes.
     return packed if packed.dtype == torch.uint8 else packed.contiguous().view(torch.uint8)
@@ -147,16 +154,18 @@ def _backward_linear_4bit(ctx, grad):
 torch.library.register_autograd("lowbit::linear_4bit", _backward_linear_4bit, setup_context=_setup_linear_4bit)
 
 
-def _setup_int8_linear(ctx, inputs, output):
-    x, CB, SCB, threshold, bias = inputs
+def _setup_int8_weight(ctx, inputs, output):
+    x, CB, SCB, *options, bias = inputs  # int8_linear has a threshold between SCB and bias
     ctx.save_for_backward(CB, SCB)
+    ctx.options = len(options)
     ctx.bias_needs_grad = bias is not None and bias.requires_grad
 
 
-def _backward_int8_linear(ctx, grad):
+def _backward_int8_weight(ctx, grad):
     CB, SCB = ctx.saved_tensors
     grad_x, grad_bias = _grad_input_and_bias(ctx, grad, CB.float() * (SCB / 127.0).unsqueeze(1))
-    return grad_x, None, None, None, grad_bias
+    return grad_x, None, None, *(None,) * ctx.options, grad_bias
 
 
-torch.library.register_autograd("lowbit::int8_linear", _backward_int8_linear, setup_context=_setup_int8_linear)
+for _op in ("int8_linear", "int8_weight_linear"):
+    torch.library.register_autograd(f"lowbit::{_op}", _backward_int8_weight, setup_context=_setup_int8_weight)

@@ -166,3 +166,8 @@ def int8_linear(
     return out.to(x.dtype).reshape(*x.shape[:-1], CB.shape[0])
 
 
+def int8_weight_linear(
+    x: torch.Tensor, CB: torch.Tensor, SCB: torch.Tensor, bias: Optional[torch.Tensor] = None
+) -> torch.Tensor:
+    weight = (CB.float() * (SCB / 127.0).unsqueeze(1)).to(x.dtype)
+    return F.linear(x, weight, None if bias is None else bias.to(x.dtype))

@@ -1,0 +1,107 @@
+// y = x @ (CB * SCB / 127).T + bias on the CPU: the int8 weight of LLM.int8() with activations kept in
+// float (weight-only int8). Unlike int8_linear, nothing rounds x, so the only error is the weight's.
+//
+// Few rows (decode): the weight is read once and each byte serves M multiply-adds, so the kernel streams
+// it: 16 int8 weights widened to float32 in registers (vpmovsxbd + vcvtdq2ps), one FMA per row of x, the
+// row scale SCB / 127 applied once per output. Many rows: decode slabs of weight rows to float32 and call
+// the BLAS GEMM (gemm_slabs), amortizing the decode over the rows.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include "cpu/dot.h"
+#include "cpu/gemm_slabs.h"
+#include "cpu/isa.h"
+#include "validate.h"
+
+namespace lowbit {
+namespace {
+
+// Up to this many rows of x the GEMV kernels run; beyond, the slab GEMM (provisional, as the 4-bit
+// kernel's cut-over: its fused path won up to 32 rows on a 4096 x 4096 weight).
+constexpr int64_t kMaxGemvRows = 16;
+
+// Rows [n0, n1) of the weight as float32, scales applied.
+void decode_rows(const int8_t* CB, const float* scale, int64_t K, int64_t n0, int64_t n1, float* dst) {
+  for (int64_t n = n0; n < n1; ++n)
+    for (int64_t k = 0; k < K; ++k) dst[(n - n0) * K + k] = static_cast<float>(CB[n * K + k]) * scale[n];
+}
+
+void gemv_portable(const int8_t* CB, const float* scale, const float* x, int64_t M, int64_t N, int64_t K, float* out) {
+  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n)
+      for (int64_t m = 0; m < M; ++m) out[m * N + n] = dot(CB + n * K, x + m * K, K) * scale[n];
+  });
+}
+
+#if LOWBIT_X86
+// MT rows of x at a time, so their accumulators stay in registers.
+template <int MT>
+LOWBIT_AVX512 void gemv_avx512_rows(const int8_t* CB, const float* scale, const float* x, int64_t N, int64_t K,
+                                    float* out, int64_t n0, int64_t n1) {
+  const int64_t K16 = K / 16 * 16;
+  for (int64_t n = n0; n < n1; ++n) {
+    const int8_t* row = CB + n * K;
+    __m512 acc[MT];
+    for (int m = 0; m < MT; ++m) acc[m] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < K16; k += 16) {
+      const __m512 w = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + k))));
+      for (int m = 0; m < MT; ++m) acc[m] = _mm512_fmadd_ps(w, _mm512_loadu_ps(x + m * K + k), acc[m]);
+    }
+    for (int m = 0; m < MT; ++m) {
+      float total = _mm512_reduce_add_ps(acc[m]);
+      for (int64_t k = K16; k < K; ++k) total += static_cast<float>(row[k]) * x[m * K + k];
+      out[m * N + n] = total * scale[n];
+    }
+  }
+}
+
+void gemv_avx512(const int8_t* CB, const float* scale, const float* x, int64_t M, int64_t N, int64_t K, float* out) {
+  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+    for (int64_t m = 0; m < M; m += 4) {
+      const float* xm = x + m * K;
+      float* om = out + m * N;
+      switch (std::min<int64_t>(4, M - m)) {
+        case 1: gemv_avx512_rows<1>(CB, scale, xm, N, K, om, n0, n1); break;
+        case 2: gemv_avx512_rows<2>(CB, scale, xm, N, K, om, n0, n1); break;
+        case 3: gemv_avx512_rows<3>(CB, scale, xm, N, K, om, n0, n1); break;
+        default: gemv_avx512_rows<4>(CB, scale, xm, N, K, om, n0, n1); break;
+      }
+    }
+  });
+}
+#endif
+
+at::Tensor int8_weight_linear_cpu(const at::Tensor& x, const at::Tensor& CB, const at::Tensor& SCB,
+                                  const std::optional<at::Tensor>& bias) {
+  validate_int8_weight_linear(x, CB, SCB, bias);
+  const int64_t N = CB.size(0), K = CB.size(1);
+  const int64_t M = c10::multiply_integers(x.sizes().begin(), x.sizes().end() - 1);
+  const at::Tensor x2 = x.reshape({M, K}).to(at::kFloat).contiguous();
+  const at::Tensor w = CB.contiguous();
+  const at::Tensor scale = SCB / 127.0f;  // the row scale of Linear8bit.dequantize(), in float32
+  at::Tensor out = at::empty({M, N}, x2.options());
+  const int8_t* cb = w.const_data_ptr<int8_t>();
+  const float* s = scale.const_data_ptr<float>();
+  if (M > 0 && N > 0) {
+    if (M > kMaxGemvRows) {
+      gemm_slabs(N, K, x2, out, [&](int64_t n0, int64_t n1, float* dst) { decode_rows(cb, s, K, n0, n1, dst); });
+#if LOWBIT_X86
+    } else if (use_avx512()) {
+      gemv_avx512(cb, s, x2.const_data_ptr<float>(), M, N, K, out.data_ptr<float>());
+#endif
+    } else {
+      gemv_portable(cb, s, x2.const_data_ptr<float>(), M, N, K, out.data_ptr<float>());
+    }
+  }
+  if (bias.has_value()) out.add_(bias->to(at::kFloat));
+  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
+  out_shape.back() = N;
+  return out.to(x.scalar_type()).view(out_shape);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(lowbit, CPU, m) { m.impl("int8_weight_linear", &int8_weight_linear_cpu); }
+
+}  // namespace lowbit
