@@ -57,9 +57,10 @@ def bench_linear(n_out: int, k_in: int, batch: int, repeats: int, with_bnb) -> d
         nf4 = _layers(lambda lin: lowbit.Linear4bit.from_linear(lin, quant_type="nf4"), base, n_out * k_in // 2)
         results["lowbit_nf4"] = _median_ms(lambda m: m(x), nf4, repeats)
         del nf4
-        int8 = _layers(lambda lin: lowbit.Linear8bit.from_linear(lin, threshold=6.0), base, n_out * k_in)
-        results["lowbit_int8"] = _median_ms(lambda m: m(x), int8, repeats)
-        del int8
+        for key, options in (("lowbit_int8", dict(threshold=6.0)), ("lowbit_int8_wo", dict(weight_only=True))):
+            int8 = _layers(lambda lin: lowbit.Linear8bit.from_linear(lin, **options), base, n_out * k_in)
+            results[key] = _median_ms(lambda m: m(x), int8, repeats)
+            del int8
         if with_bnb is not None:
             bnb4 = _layers(lambda lin: _bnb_4bit(with_bnb, lin), base, n_out * k_in // 2)
             results["bnb_nf4"] = _median_ms(lambda m: m(x), bnb4, repeats)
@@ -131,7 +132,7 @@ def main() -> None:
 def _row(r: dict) -> str:
     fp32 = r["torch_fp32"]
     cells = [f"{r['weight']:>10} M={r['batch']:<4}", f"fp32 {fp32:7.2f} ms"]
-    for key in ("lowbit_nf4", "bnb_nf4", "lowbit_int8", "bnb_int8"):
+    for key in ("lowbit_nf4", "bnb_nf4", "lowbit_int8", "lowbit_int8_wo", "bnb_int8"):
         if key in r:
             cells.append(f"{key} {r[key]:7.2f} ms ({fp32 / r[key]:4.2f}x)")
     return " | ".join(cells)

@@ -136,3 +136,17 @@ def test_replace_linears_on_meta_allocates_nothing():
     layer.to_empty(device="cpu")
     layer.quantize_weight_(torch.randn(128, 64))
     assert layer.weight.device.type == "cpu"
+
+
+def test_weight_only_int8_is_a_scheme():
+    config = LowbitConfig(load_in_8bit=True, llm_int8_weight_only=True)
+    assert config.scheme_for("model.layers.0.mlp.up_proj") == "int8-wo"
+    assert LowbitConfig.from_dict(config.to_dict()) == config
+    mixed = LowbitConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", module_overrides={r"down_proj$": "int8-wo"})
+    model = nn.Sequential()
+    model.add_module("up_proj", nn.Linear(64, 64))
+    model.add_module("down_proj", nn.Linear(64, 64))
+    quantize_model(model, mixed)
+    assert isinstance(model.up_proj, Linear4bit) and model.down_proj.weight_only
+    with pytest.raises(ValueError, match="written by a newer lowbit"):
+        LowbitConfig(load_in_8bit=True, lowbit_config_version=LowbitConfig.VERSION + 1)

@@ -197,6 +197,11 @@ def test_refuses_blocksizes_bitsandbytes_does_not_compute_with(full_precision, t
     assert_refused(full_precision, tmp_path, expected)
 
 
+def test_refuses_weight_only_int8(full_precision, tmp_path):
+    lowbit.quantize_model(full_precision, LowbitConfig(load_in_8bit=True, llm_int8_weight_only=True))
+    assert_refused(full_precision, tmp_path, r"weight-only int8 .* would run LLM\.int8\(\)")
+
+
 def test_refuses_a_model_without_lowbit_layers(full_precision, tmp_path):
     assert_refused(full_precision, tmp_path, "has no lowbit layers")
 

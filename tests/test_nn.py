@@ -289,3 +289,22 @@ def test_bias_is_checked_and_loaded_in_place(sd4):
 def test_double_quant_of_empty_weight():
     layer = Linear4bit.from_linear(nn.Linear(0, 4), double_quant=True)
     assert layer.nested_offset == 0.0 and layer(torch.randn(2, 0)).shape == (2, 4)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_weight_only_int8_keeps_activations_in_float(device, dtype):
+    with torch.device(device):
+        lin = _linear(1025, 17, dtype)
+        layer = Linear8bit.from_linear(lin, weight_only=True)
+        assert "weight_only=True" in repr(layer)
+        x = torch.randn(4, 1025).to(dtype)
+        x[:, 7] = 12.0  # no outlier decomposition needed: nothing rounds x
+        out = layer(x)
+        ref = reference.int8_weight_linear(x, layer.weight, layer.SCB, lin.bias)
+        W = layer.weight.double() * layer.SCB.double().unsqueeze(1) / 127
+        assert_close_to_exact(out, ref, x.double() @ W.t() + lin.bias.double(), "Linear8bit(weight_only)")
+        # The same weights and checkpoint as LLM.int8(), and closer to full precision.
+        llm_int8 = Linear8bit.from_linear(lin)
+        assert all(torch.equal(a, b) for a, b in zip(layer.state_dict().values(), llm_int8.state_dict().values()))
+        truth = lin(x).double()
+        assert (out.double() - truth).norm() < (llm_int8(x).double() - truth).norm()

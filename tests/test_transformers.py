@@ -24,6 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 SCHEMES = {
     "int8": dict(load_in_8bit=True),
+    "int8-wo": dict(load_in_8bit=True, llm_int8_weight_only=True),
     "nf4": dict(load_in_4bit=True, bnb_4bit_quant_type="nf4"),
     "fp4": dict(load_in_4bit=True, bnb_4bit_quant_type="fp4"),
     "nf4-dq": dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True),
@@ -135,7 +136,7 @@ def test_memory_footprint_is_the_quantized_size(tiny_llama_dir, scheme):
     for name, layer in lowbit_layers(quantized).items():
         n = layer.in_features * layer.out_features
         expected -= 4 * n
-        if scheme == "int8":
+        if scheme.startswith("int8"):
             expected += n + 4 * layer.out_features  # int8 CB + float32 SCB per row
         else:
             blocks = math.ceil(n / config.blocksize)
@@ -191,7 +192,7 @@ def test_save_and_reload_is_identical(tiny_llama_dir, tmp_path, scheme):
     quantized.save_pretrained(tmp_path)
 
     saved = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
-    assert saved["quant_method"] == "lowbit" and saved["bits"] == (8 if scheme == "int8" else 4)
+    assert saved["quant_method"] == "lowbit" and saved["bits"] == (8 if scheme.startswith("int8") else 4)
     assert not saved.get("load_in_4bit") and not saved.get("load_in_8bit")  # else a reload goes to bitsandbytes
 
     reloaded, info = load(tmp_path, output_loading_info=True)

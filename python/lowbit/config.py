@@ -23,15 +23,17 @@ def _component_match(name: str, key: str) -> bool:
 class LowbitConfig(QuantizationConfigMixin):
     """How lowbit quantizes a model.
 
-    Pick the default scheme with `load_in_8bit=True` (LLM.int8()) or `load_in_4bit=True`
-    (`bnb_4bit_quant_type` "nf4" or "fp4"), or equivalently `bits=8` / `bits=4`.
+    Pick the default scheme with `load_in_8bit=True` (LLM.int8(); with `llm_int8_weight_only=True` the same
+    int8 weights with activations kept in float) or `load_in_4bit=True` (`bnb_4bit_quant_type` "nf4" or
+    "fp4"), or equivalently `bits=8` / `bits=4`.
     Note: `bnb_4bit_quant_type` defaults to "fp4", as in transformers' BitsAndBytesConfig, while
     `Linear4bit` and the ops default to "nf4" (usually the more accurate); pass it explicitly.
     `module_overrides` maps regular expressions (searched in a module's qualified name, first match
-    wins) to "int8", "nf4", "fp4" or "none" (full precision), for mixed-precision models.
+    wins) to a scheme of lowbit.schemes ("int8", "int8-wo", "nf4", "fp4") or "none" (full precision).
     `llm_int8_skip_modules` lists modules kept in full precision (default: lm_head)."""
 
-    VERSION = 1
+    # 2: llm_int8_weight_only (older lowbit refuses a config that has it, rather than ignoring it)
+    VERSION = 2
 
     def __init__(
         self,
@@ -46,6 +48,7 @@ class LowbitConfig(QuantizationConfigMixin):
         bnb_4bit_use_double_quant: bool = False,
         bnb_4bit_quant_storage: Optional[torch.dtype | str] = None,
         blocksize: int = 64,
+        llm_int8_weight_only: bool = False,
         module_overrides: Optional[dict[str, str]] = None,
         bits: Optional[int] = None,
         **kwargs: Any,
@@ -99,6 +102,7 @@ class LowbitConfig(QuantizationConfigMixin):
         self.load_in_4bit = bool(load_in_4bit)
         self.llm_int8_threshold = threshold
         self.llm_int8_skip_modules = None if llm_int8_skip_modules is None else list(llm_int8_skip_modules)
+        self.llm_int8_weight_only = bool(llm_int8_weight_only)
         self.llm_int8_enable_fp32_cpu_offload = bool(llm_int8_enable_fp32_cpu_offload)
         self.llm_int8_has_fp16_weight = False
         self.bnb_4bit_compute_dtype = compute_dtype
@@ -114,13 +118,13 @@ class LowbitConfig(QuantizationConfigMixin):
 
     @property
     def default_scheme(self) -> Optional[str]:
-        """The scheme of every module that no override or skip list names ("int8", "nf4", "fp4"), or None."""
+        """The scheme of every module that no override or skip list names ("int8", "int8-wo", "nf4", "fp4"), or None."""
         if self.load_in_8bit:
-            return "int8"
+            return "int8-wo" if self.llm_int8_weight_only else "int8"
         return self.bnb_4bit_quant_type if self.load_in_4bit else None
 
     def scheme_for(self, name: str) -> Optional[str]:
-        """"int8", "nf4" or "fp4" for the module called `name`, or None to keep it in full precision."""
+        """The scheme ("int8", "int8-wo", "nf4", "fp4") of the module called `name`, or None to keep it in full precision."""
         for pattern, scheme in self.module_overrides.items():
             if re.search(pattern, name):
                 return None if scheme == FULL_PRECISION else scheme
@@ -137,6 +141,7 @@ class LowbitConfig(QuantizationConfigMixin):
             "bits": self.bits,
             "llm_int8_threshold": self.llm_int8_threshold,
             "llm_int8_skip_modules": self.llm_int8_skip_modules,
+            "llm_int8_weight_only": self.llm_int8_weight_only,
             "llm_int8_enable_fp32_cpu_offload": self.llm_int8_enable_fp32_cpu_offload,
             "llm_int8_has_fp16_weight": self.llm_int8_has_fp16_weight,
             "bnb_4bit_compute_dtype": None if self.bnb_4bit_compute_dtype is None else dtype_name(self.bnb_4bit_compute_dtype),

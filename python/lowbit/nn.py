@@ -343,19 +343,23 @@ def _check_weight_format(fmt) -> None:
 
 
 class Linear8bit(QuantizedLinear):
-    """A linear layer with an int8 weight (LLM.int8()): CB = round(W * 127 / SCB) per row.
+    """A linear layer with an int8 weight: CB = round(W * 127 / SCB) per row (bitsandbytes' format).
 
-    threshold: input columns holding any |x| >= threshold are computed in floating point against the
-    dequantized weight columns (the outlier decomposition); 0 quantizes everything to int8."""
+    By default it computes LLM.int8(): activations quantized to int8 per row, and input columns holding any
+    |x| >= threshold computed in floating point against the dequantized weight columns (the outlier
+    decomposition; threshold 0 quantizes everything to int8). weight_only=True keeps the activations in
+    floating point instead (W8A16: y = x @ (CB * SCB / 127).T): the same weights and checkpoint, only the
+    weight's rounding error, and no threshold."""
 
     bits = 8
     checkpoint_keys = (INT8_SCALES, INT8_FORMAT)
     _format_buffers = ("SCB",)
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, threshold: float = 6.0,
-                 device=None, dtype=None):  # fmt: skip
+                 weight_only: bool = False, device=None, dtype=None):  # fmt: skip
         super().__init__(in_features, out_features, bias, device, dtype)
-        if in_features > MAX_INT8_K:
+        self.weight_only = bool(weight_only)
+        if in_features > MAX_INT8_K and not self.weight_only:
             raise ValueError(f"in_features = {in_features} is more than the int8 matmul's int32 accumulator allows "
                              f"(max {MAX_INT8_K})")  # fmt: skip
         self.threshold = check_threshold(threshold)
@@ -364,6 +368,8 @@ class Linear8bit(QuantizedLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_holds_weight()
+        if self.weight_only:
+            return ops.int8_weight_linear(x, self.weight, self.SCB, self.bias)
         return ops.int8_linear(x, self.weight, self.SCB, self.threshold, self.bias)
 
     @torch.no_grad()
@@ -420,4 +426,4 @@ class Linear8bit(QuantizedLinear):
             destination[prefix + INT8_FORMAT] = torch.tensor(0, dtype=torch.uint8)
 
     def _options_repr(self) -> str:
-        return f"threshold={self.threshold}"
+        return "weight_only=True" if self.weight_only else f"threshold={self.threshold}"

@@ -25,6 +25,8 @@ class Scheme:
     layer_options: Callable[[Any], dict[str, Any]]
     # LowbitConfig arguments that quantize every layer with this scheme (the report's preset of that name).
     config: dict[str, Any]
+    # The report's other presets of this scheme: (name suffix, description suffix, config changes).
+    variants: tuple[tuple[str, str, dict[str, Any]], ...] = ()
 
     def empty_layer(self, in_features: int, out_features: int, bias: bool, config, device=None, dtype=None):
         """An empty layer for `config` (a loader fills it with quantize_weight_ or load_quantized_)."""
@@ -48,15 +50,20 @@ def _four_bit(quant_type: str) -> Callable[[Any], dict[str, Any]]:
     return options
 
 
+_DOUBLE_QUANT = (("-dq", " + double-quantized scales", dict(bnb_4bit_use_double_quant=True)),)
+
 SCHEMES: dict[str, Scheme] = {
     s.name: s
     for s in (
         Scheme("int8", "LLM.int8(), outlier threshold 6.0", Linear8bit,
-               lambda config: {"threshold": config.llm_int8_threshold}, dict(load_in_8bit=True)),
+               lambda config: {"threshold": config.llm_int8_threshold}, dict(load_in_8bit=True),
+               (("-t0", ", no outlier columns (threshold 0)", dict(llm_int8_threshold=0.0)),)),
+        Scheme("int8-wo", "int8 weights, activations in float (W8A16)", Linear8bit,
+               lambda config: {"weight_only": True}, dict(load_in_8bit=True, llm_int8_weight_only=True)),
         Scheme("nf4", "4-bit NormalFloat, blocksize 64", Linear4bit, _four_bit("nf4"),
-               dict(load_in_4bit=True, bnb_4bit_quant_type="nf4")),
+               dict(load_in_4bit=True, bnb_4bit_quant_type="nf4"), _DOUBLE_QUANT),
         Scheme("fp4", "4-bit float, blocksize 64", Linear4bit, _four_bit("fp4"),
-               dict(load_in_4bit=True, bnb_4bit_quant_type="fp4")),
+               dict(load_in_4bit=True, bnb_4bit_quant_type="fp4"), _DOUBLE_QUANT),
     )
 }  # fmt: skip
 

@@ -1,6 +1,6 @@
 """The accuracy-tradeoff report: quantized configs measured against full precision.
 
-    report = lowbit.compare()          # built-in SmolLM2, five configs
+    report = lowbit.compare()          # built-in SmolLM2, six configs
     report.print(); report.save("out")  # terminal table; Markdown, JSON, CSV and PNG plots
 """
 

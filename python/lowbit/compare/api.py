@@ -25,7 +25,7 @@ from .models import Footprint, LoadedModel, footprint, load_full_precision, quan
 from .presets import PRESETS, describe, resolve
 from .report import ConfigResult, LayerError, MixProposal, Report
 
-# Defaults sized so the built-in SmolLM2 run over five configs takes a few minutes on a
+# Defaults sized so the built-in SmolLM2 run over six configs takes a few minutes on a
 # 2-core CPU; every figure in the report states the token count it was measured on.
 DEFAULT_TOKENS = 1024
 DEFAULT_CONTEXT = 512
@@ -68,7 +68,7 @@ def compare(
 
     model_or_path: None for the built-in SmolLM2-135M-Instruct (weights from a Q4_1 GGUF),
         a model directory / .gguf file, or a loaded causal LM (pass `tokenizer` with it).
-    configs: None for int8, int8-t0, nf4, nf4-dq, fp4; a comma-separated string of those
+    configs: None for int8, int8-wo, int8-t0, nf4, nf4-dq, fp4; a comma-separated string of those
         names; a list of names and/or LowbitConfig objects; or a {name: LowbitConfig} dict.
     text: evaluation text (default: CPython's pydoc_data topics); its first `max_tokens`
         tokens are scored in windows of `context` tokens advancing by `stride`.

@@ -5,23 +5,15 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 
 from ..config import LowbitConfig
-from ..schemes import SCHEMES, Scheme
-
-def _variants(scheme: Scheme):
-    """The report's other points of a scheme: (name suffix, description suffix, config changes)."""
-    if scheme.layer.bits == 8:
-        yield "-t0", ", no outlier columns (threshold 0)", dict(llm_int8_threshold=0.0)
-    else:
-        yield "-dq", " + double-quantized scales", dict(bnb_4bit_use_double_quant=True)
-
+from ..schemes import SCHEMES
 
 # name → (description, LowbitConfig kwargs): every scheme of lowbit.schemes, then its variants.
 PRESETS: dict[str, tuple[str, dict]] = {}
 for _scheme in SCHEMES.values():
     PRESETS[_scheme.name] = (_scheme.description, _scheme.config)
-    for _suffix, _description, _changes in _variants(_scheme):
+    for _suffix, _description, _changes in _scheme.variants:
         PRESETS[_scheme.name + _suffix] = (_scheme.name + _description, {**_scheme.config, **_changes})
-DEFAULT_CONFIGS = ("int8", "int8-t0", "nf4", "nf4-dq", "fp4")
+DEFAULT_CONFIGS = ("int8", "int8-wo", "int8-t0", "nf4", "nf4-dq", "fp4")
 
 
 def preset(name: str) -> LowbitConfig:
@@ -59,7 +51,7 @@ def resolve(configs) -> dict[str, LowbitConfig]:
 def describe(config) -> str:
     """A short name for a config object, e.g. 'nf4-dq' or 'int8-t0+3 overrides'."""
     name = config.default_scheme or "unquantized"
-    if config.load_in_8bit and config.llm_int8_threshold != 6.0:
+    if name == "int8" and config.llm_int8_threshold != 6.0:
         name += f"-t{config.llm_int8_threshold:g}"
     if config.load_in_4bit and config.bnb_4bit_use_double_quant:
         name += "-dq"

@@ -91,6 +91,13 @@ def _bitsandbytes_config(model: nn.Module) -> BitsAndBytesConfig:
     if empty:
         raise ValueError(f"cannot export: lowbit layers {_listing(empty)} hold no weight (built empty for a loader "
                          "to fill); load or quantize them first")  # fmt: skip
+    weight_only = [name for name, layer in layers.items() if getattr(layer, "weight_only", False)]
+    if weight_only:
+        raise ValueError(
+            f"cannot export as a bitsandbytes checkpoint: layers {_listing(weight_only)} are weight-only int8 "
+            "(activations in float), which bitsandbytes' int8 layers do not compute: they would run LLM.int8() "
+            "on the same weights and give other numbers. Quantize with load_in_8bit (LLM.int8()) to export"
+        )
     # A layer's scheme, as lowbit.schemes names it: "int8", or the 4-bit quant type.
     schemes = {name: "int8" if layer.bits == 8 else layer.quant_type for name, layer in layers.items()}
     scheme = _shared(schemes, "one quantization scheme to every quantized layer",
