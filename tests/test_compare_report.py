@@ -135,6 +135,15 @@ def test_save_writes_every_format(report, tmp_path):
     )
 
 
+def test_save_without_per_layer_errors_writes_what_was_computed(report, tmp_path):
+    pytest.importorskip("matplotlib")
+    for result in report.results:
+        result.layers = []  # as a run with sensitivity=False leaves them
+    paths = report.save(tmp_path / "out")
+    assert sorted(paths) == ["report.json", "report.md", "summary.csv", "tradeoff.png"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(paths)
+
+
 # ---- mixed precision ------------------------------------------------------------------
 
 

@@ -187,16 +187,20 @@ class Report:
 
     # ---- files ------------------------------------------------------------------------
     def save(self, directory) -> dict[str, str]:
-        """Write report.md, report.json, summary.csv, sensitivity.csv and both plots; return their paths."""
+        """Write report.md, report.json, summary.csv, the trade-off plot and, when the report has per-layer
+        errors, sensitivity.csv and its plot; return the paths written, by file name."""
         os.makedirs(directory, exist_ok=True)
-        paths = {
-            name: os.path.join(directory, name)
-            for name in ("report.md", "report.json", "summary.csv", "sensitivity.csv", "tradeoff.png", "sensitivity.png")
+        writers = {
+            "report.md": self.to_markdown,
+            "report.json": self.to_json,
+            "summary.csv": self.to_csv,
+            "tradeoff.png": self.plot_tradeoff,
         }
-        self.to_markdown(paths["report.md"])
-        self.to_json(paths["report.json"])
-        self.to_csv(paths["summary.csv"])
-        self.to_csv(paths["sensitivity.csv"], sensitivity=True)
-        self.plot_tradeoff(paths["tradeoff.png"])
-        self.plot_sensitivity(paths["sensitivity.png"])
+        if self.sensitivity_results():  # absent when it ran with sensitivity=False
+            writers["sensitivity.csv"] = lambda path: self.to_csv(path, sensitivity=True)
+            writers["sensitivity.png"] = self.plot_sensitivity
+        paths = {}
+        for name, write in writers.items():
+            paths[name] = os.path.join(directory, name)
+            write(paths[name])
         return paths
