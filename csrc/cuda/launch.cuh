@@ -43,4 +43,19 @@ __device__ inline float block_max(float v) {
   return v;
 }
 
+// The scan both blockwise quantizers start with (the device twin of cpu/blocks.h): the absmax of
+// src[0, len) over the CTA, which every thread gets; a non-finite element sets *non_finite.
+template <typename scalar_t>
+__device__ float block_absmax(const scalar_t* src, int64_t len, int* non_finite) {
+  float amax = 0.f;
+  bool finite = true;
+  for (int64_t i = threadIdx.x; i < len; i += blockDim.x) {
+    const float v = static_cast<float>(src[i]);
+    amax = fmaxf(amax, fabsf(v));
+    finite &= isfinite(v);
+  }
+  if (!finite) atomicExch(non_finite, 1);
+  return block_max(amax);
+}
+
 }  // namespace lowbit::cuda

@@ -26,15 +26,7 @@ __global__ void quantize_4bit_kernel(const scalar_t* __restrict__ src, int64_t n
                                      int* __restrict__ non_finite) {
   const int64_t start = static_cast<int64_t>(blockIdx.x) * blocksize;
   const int64_t len = min(blocksize, n - start);
-  float amax = 0.f;
-  bool finite = true;
-  for (int64_t i = threadIdx.x; i < len; i += blockDim.x) {
-    const float v = static_cast<float>(src[start + i]);
-    amax = fmaxf(amax, fabsf(v));
-    finite &= isfinite(v);
-  }
-  if (!finite) atomicExch(non_finite, 1);
-  amax = cuda::block_max(amax);
+  const float amax = cuda::block_absmax(src + start, len, non_finite);
   if (threadIdx.x == 0) absmax[blockIdx.x] = amax;
   const float denom = fmaxf(amax, kMinAbsmax);
   const bool full = len == blocksize;

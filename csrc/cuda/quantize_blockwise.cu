@@ -26,15 +26,7 @@ __global__ void quantize_blockwise_kernel(const scalar_t* __restrict__ src, cons
   for (int i = threadIdx.x; i < 256; i += blockDim.x) table[i] = code[i];
   const int64_t start = static_cast<int64_t>(blockIdx.x) * blocksize;
   const int64_t len = min(blocksize, n - start);
-  float amax = 0.f;
-  bool finite = true;
-  for (int64_t i = threadIdx.x; i < len; i += blockDim.x) {
-    const float v = static_cast<float>(src[start + i]);
-    amax = fmaxf(amax, fabsf(v));
-    finite &= isfinite(v);
-  }
-  if (!finite) atomicExch(non_finite, 1);
-  amax = cuda::block_max(amax);  // its __syncthreads also publishes the table
+  const float amax = cuda::block_absmax(src + start, len, non_finite);  // its __syncthreads also publishes the table
   if (threadIdx.x == 0) absmax[blockIdx.x] = amax;
   const float denom = fmaxf(amax, kMinAbsmax);
   for (int64_t i = threadIdx.x; i < len; i += blockDim.x) {

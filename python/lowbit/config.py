@@ -9,7 +9,15 @@ from typing import Any, Optional
 import torch
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from .formats import check_blocksize, check_quant_type, check_threshold, dtype_name, parse_dtype, parse_storage
+from .formats import (
+    check_blocksize,
+    check_quant_type,
+    check_threshold,
+    dtype_name,
+    named_errors,
+    parse_dtype,
+    parse_storage,
+)
 from .schemes import FULL_PRECISION, SCHEMES
 # Modules kept in full precision when llm_int8_skip_modules is not given (as transformers does).
 DEFAULT_SKIP = ("lm_head",)
@@ -161,10 +169,8 @@ class LowbitConfig(QuantizationConfigMixin):
 
 def _field(name: str, check, value):
     """check(value), its error naming the config field."""
-    try:
+    with named_errors(name):
         return check(value)
-    except (TypeError, ValueError) as e:
-        raise type(e)(f"{name}: {e}") from None
 
 
 BitsAndBytesConfig = LowbitConfig

@@ -55,11 +55,10 @@ _warned: set = set()
 
 
 def _warn_once(name: str, device: str) -> None:
-    built = device == "cpu" or (device == "cuda" and build_info()["cuda"])
-    key = (device, name) if built else device
-    if key in _warned:
+    if device in _warned or (device, name) in _warned:  # before build_info(), which reads a file
         return
-    _warned.add(key)
+    built = device == "cpu" or (device == "cuda" and build_info()["cuda"])
+    _warned.add((device, name) if built else device)
     if built:
         reason = f"lowbit has no native {device} kernel for {name} yet"
     elif device == "cuda":

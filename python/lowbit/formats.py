@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Mapping, Optional
 
@@ -77,6 +78,16 @@ def check_blocksize(blocksize: int) -> int:
     if blocksize < MIN_BLOCKSIZE or blocksize > MAX_BLOCKSIZE or blocksize & (blocksize - 1):
         raise ValueError(f"blocksize must be a power of two in [{MIN_BLOCKSIZE}, {MAX_BLOCKSIZE}], got {blocksize}")
     return blocksize
+
+
+@contextmanager
+def named_errors(prefix: str, suffix: str = ""):
+    """Re-raise a ValueError/TypeError from the block with `prefix: ` (and ` suffix`) around its message, so it
+    names what it is about (a layer, a config field, a checkpoint entry)."""
+    try:
+        yield
+    except (TypeError, ValueError) as e:
+        raise type(e)(f"{prefix}: {e}" + (f" {suffix}" if suffix else "")) from None
 
 
 def check_threshold(threshold: float, what: str = "threshold") -> float:
@@ -204,8 +215,7 @@ class QuantState4bit:
     @staticmethod
     def declared_shape(tensors: Mapping[str, torch.Tensor], prefix: str = "weight.") -> tuple[int, ...]:
         """The weight shape a quant_state entry declares (its JSON alone, validated)."""
-        key, meta = _quant_state_json(tensors, prefix)
-        return tuple(_json_field(meta, "shape", "a list of non-negative integers", key))
+        return _json_shape(*_quant_state_json(tensors, prefix))
 
     @classmethod
     def from_state_dict(cls, tensors: Mapping[str, torch.Tensor], prefix: str = "weight.") -> "QuantState4bit":
@@ -216,7 +226,7 @@ class QuantState4bit:
         their types, the sizes of every tensor, and the scales (finite; plain absmax >= 0; nested maps in
         [-1, 1], nested absmax >= 0, the offset a finite float32, the decoded scales finite)."""
         key, meta = _quant_state_json(tensors, prefix)
-        shape = QuantState4bit.declared_shape(tensors, prefix)
+        shape = _json_shape(key, meta)
         quant_type = _json_field(meta, "quant_type", "a string", key)
         if quant_type not in QUANT_TYPES:
             raise ValueError(f"'{key}': quant_type must be one of {QUANT_TYPES}, got {quant_type!r}")
@@ -296,12 +306,14 @@ def _json_field(meta: dict, field: str, kind: str, key: str):
     return value
 
 
+def _json_shape(key: str, meta: dict) -> tuple[int, ...]:
+    return tuple(_json_field(meta, "shape", "a list of non-negative integers", key))
+
+
 def _checked(check, value, key: str, field: str):
     """check(value), its error naming the quant_state entry and field."""
-    try:
+    with named_errors(f"quant_state in '{key}': {field}"):
         return check(value)
-    except (TypeError, ValueError) as e:
-        raise type(e)(f"quant_state in '{key}': {field}: {e}") from None
 
 
 def _nested_state(tensors: Mapping[str, torch.Tensor], prefix: str, meta: dict, key: str, n_blocks: int) -> NestedState:

@@ -33,6 +33,7 @@ from .formats import (
     code_4bit,
     dtype_name,
     dynamic_map,
+    named_errors,
     parse_dtype,
     parse_storage,
 )
@@ -111,10 +112,8 @@ class QuantizedLinear(nn.Module):
         ours = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
         bias = ours.pop("bias", None)
         if "weight" in ours:
-            try:
+            with named_errors(prefix[:-1] or type(self).__name__):  # the message is about one layer of many
                 self.load_quantized_(ours)
-            except (TypeError, ValueError) as e:  # name the layer: the message is about one of many
-                raise type(e)(f"{prefix[:-1] or type(self).__name__}: {e}") from None
         else:
             missing_keys.append(prefix + "weight")
         if self.bias is not None:
@@ -129,7 +128,7 @@ class QuantizedLinear(nn.Module):
                     self.bias.copy_(bias)
         elif bias is not None:
             unexpected_keys.append(prefix + "bias")
-        unexpected_keys.extend(prefix + k for k in ours if k != "weight" and not self._owns_key(k))
+        unexpected_keys.extend(prefix + k for k in ours if k != "weight" and k not in self.checkpoint_keys)
 
     @classmethod
     def layout_problem(cls, keys: set[str]) -> Optional[str]:
@@ -290,10 +289,6 @@ class Linear4bit(QuantizedLinear):
                 self._buffers.pop(name, None)
         self.holds_weight = True
 
-    @staticmethod
-    def _owns_key(key: str) -> bool:
-        return key in Linear4bit.checkpoint_keys
-
     @classmethod
     def declared_weight_shape(cls, entries: Mapping[str, Any]) -> tuple[int, ...]:
         return QuantState4bit.declared_shape(entries, "weight.")
@@ -405,10 +400,6 @@ class Linear8bit(QuantizedLinear):
         self.weight = self._place(cb)
         self.SCB = self._place(scb)
         self.holds_weight = True
-
-    @staticmethod
-    def _owns_key(key: str) -> bool:
-        return key in Linear8bit.checkpoint_keys
 
     @classmethod
     def declared_weight_shape(cls, entries: Mapping[str, Any]) -> tuple[int, ...]:

@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 
 from .config import LowbitConfig
+from .formats import named_errors
 from .schemes import SCHEMES, Scheme
 
 
@@ -59,10 +60,8 @@ def quantize_model(model: nn.Module, config: LowbitConfig, skip: Iterable[str] =
     as it was. (The quantized layers, a fraction of the full-precision size, exist beside it until then.)"""
     quantized = []
     for name, linear, scheme in _targets(model, config, skip):
-        try:
+        with named_errors(f"module {name!r}", "(the model was left unchanged)"):
             quantized.append((name, scheme.from_linear(linear, config)))
-        except (TypeError, ValueError) as e:
-            raise type(e)(f"module {name!r}: {e} (the model was left unchanged)") from None
     for name, layer in quantized:
         model.set_submodule(name, layer)
     return model
