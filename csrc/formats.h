@@ -84,11 +84,13 @@ struct Codebook4 {
   uint8_t zero_code;
 
   // x is already scaled into [-1, 1]. A branch-free count keeps the loop vectorizable.
-  constexpr C10_HOST_DEVICE uint8_t encode(float x) const {
+  constexpr C10_HOST_DEVICE int sorted_index(float x) const {
     int idx = 0;
     for (int i = 0; i < 15; ++i) idx += bounds[i] < x;
-    return code_of_sorted[idx];
+    return idx;
   }
+  constexpr C10_HOST_DEVICE uint8_t encode(float x) const { return code_of_sorted[sorted_index(x)]; }
+  constexpr C10_HOST_DEVICE float sorted_value(int idx) const { return value[code_of_sorted[idx]]; }
 };
 
 constexpr Codebook4 make_codebook(const float (&table)[16]) {

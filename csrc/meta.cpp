@@ -20,12 +20,24 @@ std::vector<c10::SymInt> with_last(c10::SymIntArrayRef sizes, const c10::SymInt&
   return out;
 }
 
-std::tuple<at::Tensor, at::Tensor> quantize_4bit_meta(const at::Tensor& A, int64_t blocksize,
-                                                      c10::string_view quant_type) {
-  validate_quantize_4bit(A, blocksize, quant_type);
+// What both 4-bit quantizers return for A: packed codes [(numel + 1) / 2, 1] and one scale per block.
+std::tuple<at::Tensor, at::Tensor> packed_4bit_like(const at::Tensor& A, int64_t blocksize) {
   const c10::SymInt n = A.sym_numel();
   return {at::empty_symint({(n + 1) / 2, 1}, A.options().dtype(at::kByte)),
           at::empty_symint({n_blocks(n, blocksize)}, A.options().dtype(at::kFloat))};
+}
+
+std::tuple<at::Tensor, at::Tensor> quantize_4bit_meta(const at::Tensor& A, int64_t blocksize,
+                                                      c10::string_view quant_type) {
+  validate_quantize_4bit(A, blocksize, quant_type);
+  return packed_4bit_like(A, blocksize);
+}
+
+std::tuple<at::Tensor, at::Tensor> quantize_4bit_search_meta(const at::Tensor& A, int64_t blocksize,
+                                                             c10::string_view quant_type, at::ArrayRef<double> ratios,
+                                                             const std::optional<at::Tensor>& importance) {
+  validate_quantize_4bit_search(A, blocksize, quant_type, ratios, importance);
+  return packed_4bit_like(A, blocksize);
 }
 
 at::Tensor dequantize_4bit_meta(const at::Tensor& packed, const at::Tensor& absmax, int64_t blocksize,
@@ -78,6 +90,7 @@ at::Tensor int8_weight_linear_meta(const at::Tensor& x, const at::Tensor& CB, co
 
 TORCH_LIBRARY_IMPL(lowbit, Meta, m) {
   m.impl("quantize_4bit", &quantize_4bit_meta);
+  m.impl("quantize_4bit_search", &quantize_4bit_search_meta);
   m.impl("dequantize_4bit", &dequantize_4bit_meta);
   m.impl("quantize_blockwise", &quantize_blockwise_meta);
   m.impl("dequantize_blockwise", &dequantize_blockwise_meta);

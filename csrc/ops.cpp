@@ -7,6 +7,11 @@ TORCH_LIBRARY(lowbit, m) {
   // 4-bit blockwise (NF4 / FP4). A is flattened row-major; one float32 absmax per block.
   // Returns (packed uint8 [(numel + 1) / 2, 1], absmax float32 [ceil(numel / blocksize)]).
   m.def("quantize_4bit(Tensor A, int blocksize, str quant_type) -> (Tensor, Tensor)");
+  // The same format with a searched scale per block (see csrc/cpu/quantize_4bit_search.cpp): each block
+  // tries absmax * r for r in ratios and a least-squares refit, keeping the smallest error weighted by
+  // importance[i % K] (float32 [A.size(-1)], e.g. mean squared input activations; None: uniform).
+  m.def("quantize_4bit_search(Tensor A, int blocksize, str quant_type, float[] ratios, Tensor? importance=None) "
+        "-> (Tensor, Tensor)");
   m.def("dequantize_4bit(Tensor packed, Tensor absmax, int blocksize, str quant_type, SymInt[] shape, "
         "ScalarType dtype) -> Tensor");
 

@@ -53,6 +53,32 @@ QuantType validate_quantize_4bit(const at::Tensor& A, int64_t blocksize, std::st
   return type;
 }
 
+QuantType validate_quantize_4bit_search(const at::Tensor& A, int64_t blocksize, std::string_view quant_type,
+                                        at::ArrayRef<double> ratios, const std::optional<at::Tensor>& importance) {
+  const char* op = "lowbit.quantize_4bit_search";
+  check_blocksize(blocksize, op);
+  const QuantType type = parse_quant_type(quant_type, op);
+  check_float(A, op, "A");
+  // Each ratio costs one encode of every block; a ratio beyond 4 leaves most of the codes unused.
+  constexpr size_t kMaxSearchRatios = 64;
+  constexpr double kMaxSearchRatio = 4.0;
+  TORCH_CHECK_VALUE(!ratios.empty() && ratios.size() <= kMaxSearchRatios, op, ": ratios must have 1 to ",
+                    kMaxSearchRatios, " entries, got ", ratios.size());
+  for (const double r : ratios) {
+    TORCH_CHECK_VALUE(r > 0 && r <= kMaxSearchRatio, op, ": every ratio must be in (0, ", kMaxSearchRatio, "], got ", r);
+  }
+  if (importance.has_value()) {
+    check_dtype(*importance, at::kFloat, op, "importance");
+    check_same_device(A, *importance, op, "importance");
+    check_at_least_1d(A, op, "A (when importance is given)");
+    TORCH_CHECK_VALUE(importance->dim() == 1, op, ": importance must be 1-D [A.size(-1)], got shape ",
+                      importance->sym_sizes());
+    LOWBIT_CHECK_SIZES(importance->sym_size(0).sym_eq(A.sym_size(-1)), op, ": importance has ",
+                       importance->sym_size(0), " entries but A's last dimension is ", A.sym_size(-1));
+  }
+  return type;
+}
+
 QuantType validate_dequantize_4bit(const at::Tensor& packed, const at::Tensor& absmax, int64_t blocksize,
                                    std::string_view quant_type, c10::SymIntArrayRef shape, at::ScalarType dtype) {
   const char* op = "lowbit.dequantize_4bit";

@@ -16,6 +16,10 @@ namespace lowbit {
 
 QuantType validate_quantize_4bit(const at::Tensor& A, int64_t blocksize, std::string_view quant_type);
 
+// ratios: 1 to kMaxSearchRatios scale ratios in (0, kMaxSearchRatio]; importance: float32 [A.size(-1)].
+QuantType validate_quantize_4bit_search(const at::Tensor& A, int64_t blocksize, std::string_view quant_type,
+                                        at::ArrayRef<double> ratios, const std::optional<at::Tensor>& importance);
+
 QuantType validate_dequantize_4bit(const at::Tensor& packed, const at::Tensor& absmax, int64_t blocksize,
                                    std::string_view quant_type, c10::SymIntArrayRef shape, at::ScalarType dtype);
 

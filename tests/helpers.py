@@ -54,6 +54,7 @@ def op_cases(device="cpu"):
 
     return [
         (torch.ops.lowbit.quantize_4bit, (randn(1025), 64, "fp4")),
+        (torch.ops.lowbit.quantize_4bit_search, (randn(7, 130), 64, "nf4", [1.0, 0.9, 0.8], randn(130).abs())),
         (torch.ops.lowbit.dequantize_4bit, (packed, absmax, 64, "nf4", [24, 128], torch.bfloat16)),
         (torch.ops.lowbit.quantize_blockwise, (randn(700), code, 256)),
         (torch.ops.lowbit.dequantize_blockwise, (absmax_q, nested_absmax, code, 256, torch.float32)),

@@ -19,6 +19,12 @@ from .formats import (
     parse_storage,
 )
 from .schemes import FULL_PRECISION, SCHEMES
+# How 4-bit layers choose each block's scale (the stored format is the same for all):
+#   None          the block's absmax, as bitsandbytes does;
+#   "mse"         searched to minimise the block's squared weight error (data-free);
+#   "activation"  searched to minimise the error weighted by each input feature's mean squared activation on
+#                 calibration data: quantize_model(..., calibration=...) only, as loading cannot run the model.
+SCALE_SEARCHES = (None, "mse", "activation")
 # Modules kept in full precision when llm_int8_skip_modules is not given (as transformers does).
 DEFAULT_SKIP = ("lm_head",)
 
@@ -38,10 +44,13 @@ class LowbitConfig(QuantizationConfigMixin):
     `Linear4bit` and the ops default to "nf4" (usually the more accurate); pass it explicitly.
     `module_overrides` maps regular expressions (searched in a module's qualified name, first match
     wins) to a scheme of lowbit.schemes ("int8", "int8-wo", "nf4", "fp4") or "none" (full precision).
-    `llm_int8_skip_modules` lists modules kept in full precision (default: lm_head)."""
+    `llm_int8_skip_modules` lists modules kept in full precision (default: lm_head).
+    `scale_search` ("mse" or "activation"; see SCALE_SEARCHES) makes 4-bit layers search each block's scale
+    instead of taking its absmax: same checkpoint format, loadable by bitsandbytes."""
 
     # 2: llm_int8_weight_only (older lowbit refuses a config that has it, rather than ignoring it)
-    VERSION = 2
+    # 3: scale_search
+    VERSION = 3
 
     def __init__(
         self,
@@ -57,6 +66,7 @@ class LowbitConfig(QuantizationConfigMixin):
         bnb_4bit_quant_storage: Optional[torch.dtype | str] = None,
         blocksize: int = 64,
         llm_int8_weight_only: bool = False,
+        scale_search: Optional[str] = None,
         module_overrides: Optional[dict[str, str]] = None,
         bits: Optional[int] = None,
         **kwargs: Any,
@@ -92,6 +102,8 @@ class LowbitConfig(QuantizationConfigMixin):
             "bnb_4bit_compute_dtype", parse_dtype, bnb_4bit_compute_dtype)
         storage = torch.uint8 if bnb_4bit_quant_storage is None else _field(
             "bnb_4bit_quant_storage", parse_storage, bnb_4bit_quant_storage)
+        if scale_search not in SCALE_SEARCHES:
+            raise ValueError(f"scale_search must be one of {list(SCALE_SEARCHES)}, got {scale_search!r}")
         if module_overrides is not None and not isinstance(module_overrides, dict):
             raise TypeError(f"module_overrides must be a dict of {{regex: scheme}}, got {type(module_overrides).__name__}")
         overrides = dict(module_overrides or {})
@@ -111,6 +123,7 @@ class LowbitConfig(QuantizationConfigMixin):
         self.llm_int8_threshold = threshold
         self.llm_int8_skip_modules = None if llm_int8_skip_modules is None else list(llm_int8_skip_modules)
         self.llm_int8_weight_only = bool(llm_int8_weight_only)
+        self.scale_search = scale_search
         self.llm_int8_enable_fp32_cpu_offload = bool(llm_int8_enable_fp32_cpu_offload)
         self.llm_int8_has_fp16_weight = False
         self.bnb_4bit_compute_dtype = compute_dtype
@@ -150,6 +163,7 @@ class LowbitConfig(QuantizationConfigMixin):
             "llm_int8_threshold": self.llm_int8_threshold,
             "llm_int8_skip_modules": self.llm_int8_skip_modules,
             "llm_int8_weight_only": self.llm_int8_weight_only,
+            "scale_search": self.scale_search,
             "llm_int8_enable_fp32_cpu_offload": self.llm_int8_enable_fp32_cpu_offload,
             "llm_int8_has_fp16_weight": self.llm_int8_has_fp16_weight,
             "bnb_4bit_compute_dtype": None if self.bnb_4bit_compute_dtype is None else dtype_name(self.bnb_4bit_compute_dtype),

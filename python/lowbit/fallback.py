@@ -30,6 +30,7 @@ def _linear_4bit(x, packed, absmax, blocksize, quant_type, shape, bias=None, *ne
 
 REFERENCE_KERNELS = {
     "quantize_4bit": reference.quantize_4bit,
+    "quantize_4bit_search": reference.quantize_4bit_search,
     "dequantize_4bit": reference.dequantize_4bit,
     "quantize_blockwise": reference.quantize_blockwise,
     "dequantize_blockwise": reference.dequantize_blockwise,

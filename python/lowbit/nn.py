@@ -66,13 +66,14 @@ class QuantizedLinear(nn.Module):
         self.holds_weight = False
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, **options: Any):
-        """A quantized copy of `linear` (its weight is quantized; `linear` is left untouched)."""
+    def from_linear(cls, linear: nn.Linear, importance: Optional[torch.Tensor] = None, **options: Any):
+        """A quantized copy of `linear` (its weight is quantized; `linear` is left untouched). `importance`
+        (one weight per input feature) is for layers with a scale search (Linear4bit(scale_search=True))."""
         w = linear.weight
         _check_float_dtype(w.dtype, "the weight of the nn.Linear to quantize")
         layer = cls(linear.in_features, linear.out_features, linear.bias is not None, device=w.device, dtype=w.dtype,
                     **options)  # fmt: skip
-        layer.quantize_weight_(w)
+        layer.quantize_weight_(w, importance)
         if linear.bias is not None:
             layer.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=linear.bias.requires_grad)
         return layer
@@ -191,6 +192,7 @@ class Linear4bit(QuantizedLinear):
         double_quant: bool = False,
         compute_dtype: Optional[torch.dtype] = None,
         quant_storage: torch.dtype = torch.uint8,
+        scale_search: bool = False,
         device=None,
         dtype=None,
     ):
@@ -198,6 +200,7 @@ class Linear4bit(QuantizedLinear):
         self.quant_type = check_quant_type(quant_type)
         self.blocksize = check_blocksize(blocksize)
         self.double_quant = bool(double_quant)
+        self.scale_search = bool(scale_search)
         self.compute_dtype = None if compute_dtype is None else parse_dtype(compute_dtype)
         self.quant_storage = quant_storage = parse_storage(quant_storage)
         n = in_features * out_features
@@ -243,10 +246,21 @@ class Linear4bit(QuantizedLinear):
                                    state.shape, self.weight_dtype)  # fmt: skip
 
     @torch.no_grad()
-    def quantize_weight_(self, weight: torch.Tensor) -> None:
-        """Quantize a full-precision [out_features, in_features] weight into this layer (on its device)."""
+    def quantize_weight_(self, weight: torch.Tensor, importance: Optional[torch.Tensor] = None) -> None:
+        """Quantize a full-precision [out_features, in_features] weight into this layer (on its device).
+
+        With scale_search, each block's scale is searched (ops.quantize_4bit_search) to minimise its squared
+        error, each input feature's error weighted by `importance` [in_features] when given (e.g. the mean
+        squared activation of that feature on calibration data, see lowbit.calibrate). The format is the same."""
         self._check_weight(weight)
-        packed, absmax = ops.quantize_4bit(weight, self.blocksize, self.quant_type)
+        if self.scale_search:
+            if importance is not None:
+                importance = importance.to(weight.device, torch.float32)
+            packed, absmax = ops.quantize_4bit_search(weight, self.blocksize, self.quant_type, importance=importance)
+        elif importance is not None:
+            raise ValueError("importance weighs the scale search: build the layer with scale_search=True")
+        else:
+            packed, absmax = ops.quantize_4bit(weight, self.blocksize, self.quant_type)
         if self.double_quant:
             offset = absmax.mean() if absmax.numel() else absmax.new_zeros(())
             absmax, nested_absmax = ops.quantize_blockwise(absmax - offset, dynamic_map(absmax.device), NESTED_BLOCKSIZE)
@@ -320,7 +334,8 @@ class Linear4bit(QuantizedLinear):
     def _options_repr(self) -> str:
         dq = ", double_quant=True" if self.double_quant else ""
         cd = f", compute_dtype={dtype_name(self.compute_dtype)}" if self.compute_dtype else ""
-        return f"quant_type={self.quant_type}, blocksize={self.blocksize}{dq}{cd}"
+        search = ", scale_search=True" if self.scale_search else ""
+        return f"quant_type={self.quant_type}, blocksize={self.blocksize}{dq}{cd}{search}"
 
 
 def _check_weight_format(fmt) -> None:
@@ -372,8 +387,10 @@ class Linear8bit(QuantizedLinear):
         return (self.weight.float() * (self.SCB / 127.0).unsqueeze(1)).to(self.weight_dtype)
 
     @torch.no_grad()
-    def quantize_weight_(self, weight: torch.Tensor) -> None:
+    def quantize_weight_(self, weight: torch.Tensor, importance: Optional[torch.Tensor] = None) -> None:
         self._check_weight(weight)
+        if importance is not None:
+            raise ValueError("Linear8bit has no scale search to weigh: importance is for Linear4bit(scale_search=True)")
         # Rows are scaled from the float16-rounded weight, as bitsandbytes does: identical CB/SCB.
         half = weight.to(torch.float16)
         if not torch.isfinite(half).all():

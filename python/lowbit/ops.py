@@ -13,7 +13,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from .formats import NESTED_BLOCKSIZE, NestedState, dynamic_map, nested_op_args
+from .formats import NESTED_BLOCKSIZE, SCALE_SEARCH_RATIOS, NestedState, dynamic_map, nested_op_args
 
 _ops = torch.ops.lowbit
 
@@ -23,6 +23,20 @@ def quantize_4bit(A: torch.Tensor, blocksize: int = 64, quant_type: str = "nf4")
 
     Returns (packed uint8 [(numel + 1) // 2, 1], absmax float32 [ceil(numel / blocksize)])."""
     return _ops.quantize_4bit(A, blocksize, quant_type)
+
+
+def quantize_4bit_search(
+    A: torch.Tensor,
+    blocksize: int = 64,
+    quant_type: str = "nf4",
+    ratios: Sequence[float] = SCALE_SEARCH_RATIOS,
+    importance: Optional[torch.Tensor] = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """quantize_4bit's format with a searched scale per block instead of the absmax: the first of
+    absmax * r (r in `ratios`) and a least-squares refit that minimises the block's squared error, each
+    element weighted by importance[i % K] (float32 [A.shape[-1]], e.g. the mean squared input activation
+    of each input channel; None weighs all alike). Decodes with dequantize_4bit like any 4-bit weight."""
+    return _ops.quantize_4bit_search(A, blocksize, quant_type, [float(r) for r in ratios], importance)
 
 
 def dequantize_4bit(

@@ -7,6 +7,7 @@ from typing import Iterable
 import torch
 import torch.nn as nn
 
+from .calibrate import input_second_moments
 from .config import LowbitConfig
 from .formats import named_errors
 from .schemes import SCHEMES, Scheme
@@ -50,18 +51,29 @@ def replace_linears(model: nn.Module, config: LowbitConfig, skip: Iterable[str] 
 
 
 @torch.no_grad()
-def quantize_model(model: nn.Module, config: LowbitConfig, skip: Iterable[str] = ()) -> nn.Module:
+def quantize_model(model: nn.Module, config: LowbitConfig, skip: Iterable[str] = (), calibration=None) -> nn.Module:
     """Quantize `model` in place: every nn.Linear that `config` selects becomes a lowbit layer holding
     its quantized weight. Tied weights, `lm_head` (unless configured otherwise) and names in `skip`
     stay in full precision. Returns `model`.
 
+    calibration: what `config.scale_search="activation"` runs the full-precision model on first (token ids,
+    or an iterable of batches; see lowbit.calibrate.input_second_moments). Text the model will be
+    evaluated on does not belong here.
+
     All or nothing: every layer is quantized before any is swapped in, so a weight that cannot be
     quantized (NaN, Inf, beyond float16 for int8) raises an error naming its module and leaves `model`
     as it was. (The quantized layers, a fraction of the full-precision size, exist beside it until then.)"""
+    targets = _targets(model, config, skip)
+    calibrated = {name: linear for name, linear, scheme in targets if scheme.calibrated(config)}
+    if calibrated and calibration is None:
+        raise ValueError('scale_search="activation" weighs each layer\'s quantization by its input activations: '
+                         "pass calibration=<token ids> (a few hundred tokens of text like the model's use, not "
+                         'the evaluation text), or use scale_search="mse", which needs no data')  # fmt: skip
+    importance = input_second_moments(model, calibrated, calibration) if calibrated else {}
     quantized = []
-    for name, linear, scheme in _targets(model, config, skip):
+    for name, linear, scheme in targets:
         with named_errors(f"module {name!r}", "(the model was left unchanged)"):
-            quantized.append((name, scheme.from_linear(linear, config)))
+            quantized.append((name, scheme.from_linear(linear, config, importance.get(name))))
     for name, layer in quantized:
         model.set_submodule(name, layer)
     return model

@@ -31,10 +31,27 @@ def _check_finite(A: torch.Tensor, op: str) -> None:
         raise ValueError(f"lowbit.{op}: input contains NaN or Inf")
 
 
+def _sorted_code(quant_type: str, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(order, values, bounds): the code sorted stably (values = code[order]) and its 15 midpoints.
+    The nearest code of x is order[bucketize(x, bounds)]; a value exactly between two codes goes to the lower one."""
+    code = code_4bit(quant_type, device)
+    order = torch.sort(code, stable=True).indices
+    values = code[order]
+    return order, values, (values[:-1] + values[1:]) / 2
+
+
+def _pack_4bit(codes: torch.Tensor, zero_code: torch.Tensor) -> torch.Tensor:
+    """Flat 4-bit codes, two per byte (high nibble first), an odd count padded with the zero code."""
+    if codes.numel() % 2:
+        codes = torch.cat([codes, zero_code.reshape(1)])
+    codes = codes.to(torch.uint8)
+    return ((codes[0::2] << 4) | codes[1::2]).unsqueeze(1)
+
+
 def quantize_4bit(A: torch.Tensor, blocksize: int = 64, quant_type: str = "nf4") -> tuple[torch.Tensor, torch.Tensor]:
     _check_finite(A, "quantize_4bit")
     check_blocksize(blocksize)
-    code = code_4bit(quant_type, A.device)
+    order, _, bounds = _sorted_code(quant_type, A.device)
     blocks, n = _blocks(A, blocksize)
     absmax = blocks.abs().amax(dim=1)
     denom = absmax.clamp(min=_MIN_ABSMAX).unsqueeze(1)
@@ -42,15 +59,81 @@ def quantize_4bit(A: torch.Tensor, blocksize: int = 64, quant_type: str = "nf4")
     if n % blocksize:  # bitsandbytes divides in the final partial block; the rounding decides ties
         scaled[-1] = blocks[-1] / denom[-1]
     scaled = scaled.clamp(-1, 1).reshape(-1)[:n]
-    # Nearest code; a value exactly between two codes goes to the lower one (sorted, stable order).
-    order = torch.sort(code, stable=True).indices
-    sorted_code = code[order]
-    bounds = (sorted_code[:-1] + sorted_code[1:]) / 2
-    q = order[torch.bucketize(scaled, bounds)].to(torch.uint8)
-    if n % 2:
-        q = torch.cat([q, order[torch.bucketize(torch.zeros(1, device=A.device), bounds)].to(torch.uint8)])
-    packed = (q[0::2] << 4) | q[1::2]
-    return packed.unsqueeze(1), absmax
+    zero = order[torch.bucketize(torch.zeros(1, device=A.device), bounds)]
+    return _pack_4bit(order[torch.bucketize(scaled, bounds)], zero), absmax
+
+
+_LANES = 16
+
+
+def _lane_total(t: torch.Tensor) -> torch.Tensor:
+    """Row sums of t [blocks, blocksize] in the kernels' order: element i into lane i % 16 (in order of i),
+    then the 16 lanes added 0..15. A fixed order makes the scale search's comparisons exact across devices."""
+    chunks = t.view(t.shape[0], -1, _LANES)
+    lanes = chunks[:, 0]
+    for j in range(1, chunks.shape[1]):
+        lanes = lanes + chunks[:, j]
+    total = lanes[:, 0]
+    for lane in range(1, _LANES):
+        total = total + lanes[:, lane]
+    return total
+
+
+def quantize_4bit_search(
+    A: torch.Tensor,
+    blocksize: int,
+    quant_type: str,
+    ratios: Sequence[float],
+    importance: Optional[torch.Tensor] = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """quantize_4bit's format with a searched scale per block (see csrc/cpu/quantize_4bit_search.cpp).
+
+    Each block tries s = absmax * r for r in `ratios` (nearest codes of clamp(v * (1 / s))), keeps the first
+    smallest error sum(h * (v - s * c)^2), then tries the least-squares scale sum(h v c) / sum(h c^2) of the
+    codes it kept. h is importance[i % K] (K = A.shape[-1]) or 1."""
+    _check_finite(A, "quantize_4bit_search")
+    check_blocksize(blocksize)
+    if not 1 <= len(ratios) <= 64 or not all(0 < r <= 4 for r in ratios):
+        raise ValueError(f"lowbit.quantize_4bit_search: ratios must be 1 to 64 values in (0, 4], got {list(ratios)}")
+    order, values, bounds = _sorted_code(quant_type, A.device)
+    blocks, n = _blocks(A, blocksize)
+    if importance is None:
+        h = torch.ones(n, device=A.device)
+    else:
+        if importance.dtype != torch.float32 or importance.shape != A.shape[-1:]:
+            raise ValueError(f"lowbit.quantize_4bit_search: importance must be float32 [{A.shape[-1]}], got "
+                             f"{importance.dtype} {list(importance.shape)}")  # fmt: skip
+        if not (torch.isfinite(importance) & (importance >= 0)).all():
+            raise ValueError("lowbit.quantize_4bit_search: importance must be finite and >= 0")
+        h = importance.repeat(n // max(A.shape[-1], 1))
+    h = F.pad(h, (0, blocks.numel() - n)).view_as(blocks)  # padding weighs nothing
+    absmax = blocks.abs().amax(dim=1)
+
+    def encode_error(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        k = torch.bucketize((blocks * (1.0 / s).unsqueeze(1)).clamp(-1, 1), bounds)
+        d = blocks - s.unsqueeze(1) * values[k]
+        return k, _lane_total(h * (d * d))
+
+    candidates = torch.tensor(list(ratios), dtype=torch.float32, device=A.device)
+    best_s = (absmax * candidates[0]).clamp(min=_MIN_ABSMAX)
+    best_k, best_e = encode_error(best_s)
+    for r in candidates[1:]:
+        s = (absmax * r).clamp(min=_MIN_ABSMAX)
+        k, e = encode_error(s)
+        better = e < best_e
+        best_s, best_k, best_e = torch.where(better, s, best_s), torch.where(better[:, None], k, best_k), torch.where(better, e, best_e)
+    c = values[best_k]
+    num, den = _lane_total(h * (blocks * c)), _lane_total(h * (c * c))
+    refit = torch.where((den > 0) & (num > 0), num / den, torch.zeros_like(num))
+    fits = torch.isfinite(refit) & (refit >= _MIN_ABSMAX)
+    k, e = encode_error(torch.where(fits, refit, best_s))
+    better = fits & (e < best_e)
+    best_s, best_k = torch.where(better, refit, best_s), torch.where(better[:, None], k, best_k)
+    zero_block = absmax == 0
+    zero_index = torch.bucketize(torch.zeros(1, device=A.device), bounds)
+    best_k = torch.where(zero_block[:, None], zero_index, best_k)
+    best_s = torch.where(zero_block, torch.zeros_like(best_s), best_s)
+    return _pack_4bit(order[best_k.reshape(-1)[:n]], order[zero_index]), best_s
 
 
 def dequantize_4bit(

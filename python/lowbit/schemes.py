@@ -32,9 +32,14 @@ class Scheme:
         """An empty layer for `config` (a loader fills it with quantize_weight_ or load_quantized_)."""
         return self.layer(in_features, out_features, bias, device=device, dtype=dtype, **self.layer_options(config))
 
-    def from_linear(self, linear, config):
-        """A quantized copy of the nn.Linear `linear`, with the options `config` gives this scheme."""
-        return self.layer.from_linear(linear, **self.layer_options(config))
+    def from_linear(self, linear, config, importance=None):
+        """A quantized copy of the nn.Linear `linear`, with the options `config` gives this scheme
+        (`importance`: per-input-feature weights for a scale search, see `calibrated`)."""
+        return self.layer.from_linear(linear, importance, **self.layer_options(config))
+
+    def calibrated(self, config) -> bool:
+        """Whether this scheme under `config` weighs its quantization by calibration activations."""
+        return bool(self.layer_options(config).get("scale_search")) and config.scale_search == "activation"
 
 
 def _four_bit(quant_type: str) -> Callable[[Any], dict[str, Any]]:
@@ -45,12 +50,19 @@ def _four_bit(quant_type: str) -> Callable[[Any], dict[str, Any]]:
             "double_quant": config.bnb_4bit_use_double_quant,
             "compute_dtype": config.bnb_4bit_compute_dtype,
             "quant_storage": config.bnb_4bit_quant_storage,
+            "scale_search": config.scale_search is not None,
         }
 
     return options
 
 
-_DOUBLE_QUANT = (("-dq", " + double-quantized scales", dict(bnb_4bit_use_double_quant=True)),)
+_FOUR_BIT_VARIANTS = (
+    ("-dq", " + double-quantized scales", dict(bnb_4bit_use_double_quant=True)),
+    ("-mse", ", scales searched for the least weight error", dict(scale_search="mse")),
+    ("-aw", ", scales searched for the least activation-weighted error", dict(scale_search="activation")),
+    ("-aw-dq", ", activation-weighted scale search + double-quantized scales",
+     dict(scale_search="activation", bnb_4bit_use_double_quant=True)),
+)  # fmt: skip
 
 SCHEMES: dict[str, Scheme] = {
     s.name: s
@@ -61,9 +73,9 @@ SCHEMES: dict[str, Scheme] = {
         Scheme("int8-wo", "int8 weights, activations in float (W8A16)", Linear8bit,
                lambda config: {"weight_only": True}, dict(load_in_8bit=True, llm_int8_weight_only=True)),
         Scheme("nf4", "4-bit NormalFloat, blocksize 64", Linear4bit, _four_bit("nf4"),
-               dict(load_in_4bit=True, bnb_4bit_quant_type="nf4"), _DOUBLE_QUANT),
+               dict(load_in_4bit=True, bnb_4bit_quant_type="nf4"), _FOUR_BIT_VARIANTS),
         Scheme("fp4", "4-bit float, blocksize 64", Linear4bit, _four_bit("fp4"),
-               dict(load_in_4bit=True, bnb_4bit_quant_type="fp4"), _DOUBLE_QUANT),
+               dict(load_in_4bit=True, bnb_4bit_quant_type="fp4"), _FOUR_BIT_VARIANTS),
     )
 }  # fmt: skip
 

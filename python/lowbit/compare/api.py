@@ -14,8 +14,9 @@ import transformers
 from .._native import build_info
 from ..config import LowbitConfig
 from ..nn import module_nbytes
+from ..schemes import FULL_PRECISION, SCHEMES
 from ._optional import require
-from .data import DEFAULT_PROMPTS, Window, default_text, strided_windows
+from .data import CALIBRATION_SOURCE, DEFAULT_PROMPTS, Window, calibration_text, default_text, strided_windows
 from .evaluate import (
     Evaluation, Generation, Speed, WindowOutput,
     evaluate_against, evaluate_reference, generate, layer_errors, measure_speed,
@@ -32,12 +33,14 @@ DEFAULT_CONTEXT = 512
 DEFAULT_STRIDE = 256
 DEFAULT_NEW_TOKENS = 24
 SENSITIVITY_WINDOWS = 1
+# What the activation-weighted scale search (the -aw configs) runs the full-precision model on first.
+CALIBRATION_TOKENS = 512
 SPEED_PROMPT_TOKENS = 128
 SPEED_DECODE_STEPS = 16
 
 _CONFIG_FIELDS = (
     "load_in_8bit", "load_in_4bit", "llm_int8_threshold", "llm_int8_skip_modules",
-    "bnb_4bit_quant_type", "bnb_4bit_use_double_quant", "blocksize", "module_overrides",
+    "bnb_4bit_quant_type", "bnb_4bit_use_double_quant", "blocksize", "scale_search", "module_overrides",
 )  # fmt: skip
 
 
@@ -68,7 +71,7 @@ def compare(
 
     model_or_path: None for the built-in SmolLM2-135M-Instruct (weights from a Q4_1 GGUF),
         a model directory / .gguf file, or a loaded causal LM (pass `tokenizer` with it).
-    configs: None for int8, int8-wo, int8-t0, nf4, nf4-dq, fp4; a comma-separated string of those
+    configs: None for int8, int8-wo, int8-t0, nf4, nf4-dq, nf4-aw, fp4; a comma-separated string of those
         names; a list of names and/or LowbitConfig objects; or a {name: LowbitConfig} dict.
     text: evaluation text (default: CPython's pydoc_data topics); its first `max_tokens`
         tokens are scored in windows of `context` tokens advancing by `stride`.
@@ -85,12 +88,14 @@ def compare(
     if text is None:
         text, text_source = default_text(), text_source or "CPython's pydoc_data.topics"
     ids, windows = _tokenize_into_windows(loaded, text, max_tokens, context, stride)
+    calibrated = any(scheme.calibrated(config) for config in named.values() for scheme in _schemes_of(config))
     bench = _Bench(
         model=loaded.model,
         tokenizer=loaded.tokenizer,
         device=loaded.device,
         text_source=text_source or "the given text",
         ids=ids,
+        calibration=_tokenize(loaded, calibration_text(), CALIBRATION_TOKENS) if calibrated else None,
         context=context,
         stride=stride,
         windows=windows,
@@ -141,6 +146,7 @@ class _Bench:
     device: torch.device
     text_source: str
     ids: torch.Tensor  # the evaluation tokens, on the model's device
+    calibration: torch.Tensor | None  # the calibration tokens of the -aw configs' scale search, if any
     context: int
     stride: int
     windows: list[Window]
@@ -182,8 +188,19 @@ def _tokenize_into_windows(
     loaded: LoadedModel, text: str, max_tokens: int, context: int, stride: int
 ) -> tuple[torch.Tensor, list[Window]]:
     """The first `max_tokens` tokens of `text` on the model's device, and the strided windows scoring them."""
-    ids = torch.tensor(loaded.tokenizer(text).input_ids[:max_tokens], device=loaded.device)
+    ids = _tokenize(loaded, text, max_tokens)
     return ids, strided_windows(len(ids), context, stride)
+
+
+def _tokenize(loaded: LoadedModel, text: str, max_tokens: int) -> torch.Tensor:
+    """The first `max_tokens` tokens of `text`, on the model's device."""
+    return torch.tensor(loaded.tokenizer(text).input_ids[:max_tokens], device=loaded.device)
+
+
+def _schemes_of(config) -> list:
+    """The schemes `config` may give a module: its default and those of its overrides."""
+    names = {config.default_scheme, *config.module_overrides.values()} - {None, FULL_PRECISION}
+    return [SCHEMES[name] for name in names]
 
 
 def _measure_full_precision(bench: _Bench, load_seconds: float) -> _Baseline:
@@ -214,7 +231,7 @@ def _measure_config(bench: _Bench, baseline: _Baseline, name: str, description: 
     """Quantize a copy of the model with `config` and measure it against full precision."""
     progress = bench.progress
     progress.set_description(f"{name}: quantize")
-    quantized, seconds = quantized_copy(bench.model, config)
+    quantized, seconds = quantized_copy(bench.model, config, bench.calibration)
     progress.update()
     progress.set_description(f"{name}: perplexity")
     evaluation, agreement = evaluate_against(quantized, bench.ids, bench.windows, baseline.outputs, progress)
@@ -305,6 +322,7 @@ def _assemble_report(
         stride=bench.stride,
         windows=len(bench.windows),
         sensitivity_tokens=bench.sensitivity_tokens,
+        calibration=None if bench.calibration is None else f"{len(bench.calibration)} tokens of {CALIBRATION_SOURCE}",
         results=results,
         proposal=proposal,
     )

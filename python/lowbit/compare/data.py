@@ -22,6 +22,30 @@ def default_text() -> str:
     return "\n\n".join(topics[key] for key in sorted(topics))
 
 
+CALIBRATION_SOURCE = "the docstrings of CPython's standard-library modules"
+
+
+def calibration_text() -> str:
+    """What the activation-weighted scale search runs the model on: real English about programming, from
+    the docstrings of the standard library's top-level modules, in file-name order (fixed per Python
+    version). It shares no text with `default_text`, so it never sees what the report evaluates."""
+    import ast
+    import glob
+    import os
+    import sysconfig
+
+    docs = []
+    for path in sorted(glob.glob(os.path.join(sysconfig.get_paths()["stdlib"], "*.py"))):
+        try:
+            with open(path, encoding="utf-8") as f:
+                doc = ast.get_docstring(ast.parse(f.read()))
+        except (OSError, SyntaxError, UnicodeDecodeError, ValueError):
+            continue
+        if doc:
+            docs.append(doc)
+    return "\n\n".join(docs)
+
+
 @dataclass(frozen=True)
 class Window:
     """Model input `tokens[begin:end]`; only its last `scored` positions are evaluated."""

@@ -94,8 +94,9 @@ def resolve_device(device=None) -> torch.device:
     return torch.device(device)
 
 
-def quantized_copy(model: torch.nn.Module, config) -> tuple[torch.nn.Module, float]:
-    """A quantized deep copy of `model` (left untouched) and the seconds quantization took.
+def quantized_copy(model: torch.nn.Module, config, calibration=None) -> tuple[torch.nn.Module, float]:
+    """A quantized deep copy of `model` (left untouched) and the seconds quantization took
+    (a calibration run included, for configs that use `calibration`).
 
     Quantizing a copy of the already-loaded model is the same numerics as
     from_pretrained(..., quantization_config=config) and avoids reading the checkpoint
@@ -103,7 +104,7 @@ def quantized_copy(model: torch.nn.Module, config) -> tuple[torch.nn.Module, flo
     """
     clone = copy.deepcopy(model)
     start = time.perf_counter()
-    clone = quantize_model(clone, config)
+    clone = quantize_model(clone, config, calibration=calibration)
     synchronize(next(clone.parameters()).device)
     return clone.eval(), time.perf_counter() - start
 

@@ -13,7 +13,7 @@ for _scheme in SCHEMES.values():
     PRESETS[_scheme.name] = (_scheme.description, _scheme.config)
     for _suffix, _description, _changes in _scheme.variants:
         PRESETS[_scheme.name + _suffix] = (_scheme.name + _description, {**_scheme.config, **_changes})
-DEFAULT_CONFIGS = ("int8", "int8-wo", "int8-t0", "nf4", "nf4-dq", "fp4")
+DEFAULT_CONFIGS = ("int8", "int8-wo", "int8-t0", "nf4", "nf4-dq", "nf4-aw", "fp4")
 
 
 def preset(name: str) -> LowbitConfig:
@@ -53,6 +53,8 @@ def describe(config) -> str:
     name = config.default_scheme or "unquantized"
     if name == "int8" and config.llm_int8_threshold != 6.0:
         name += f"-t{config.llm_int8_threshold:g}"
+    if config.load_in_4bit and config.scale_search:
+        name += "-aw" if config.scale_search == "activation" else f"-{config.scale_search}"
     if config.load_in_4bit and config.bnb_4bit_use_double_quant:
         name += "-dq"
     overrides = getattr(config, "module_overrides", None)

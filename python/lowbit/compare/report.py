@@ -77,6 +77,7 @@ class Report:
     sensitivity_tokens: int  # scored tokens the per-layer errors were measured on
     results: list[ConfigResult]  # full precision first
     proposal: MixProposal | None = None
+    calibration: str | None = None  # what the activation-weighted scale search ran on, when a config used it
 
     # ---- data views -------------------------------------------------------------------
     @property
@@ -95,6 +96,7 @@ class Report:
         return (
             f"{self.model} on {self.device}, {self.date}; perplexity over {self.tokens} tokens of "
             f"{self.text_source} in {self.windows} windows of ≤{self.context} tokens (stride {self.stride})"
+            + (f"; scale search calibrated on {self.calibration}" if self.calibration else "")
         )
 
     def summary_rows(self) -> list[dict]:

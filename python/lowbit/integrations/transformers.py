@@ -107,6 +107,12 @@ class LowbitHfQuantizer(HfQuantizer):
             )
 
     def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
+        if not self.pre_quantized and self.quantization_config.scale_search == "activation":
+            raise ValueError(
+                'scale_search="activation" needs the full-precision model run on calibration data, which loading '
+                "cannot do: load in full precision, then lowbit.quantize_model(model, config, calibration=ids) (and "
+                'save_pretrained to keep the result), or use scale_search="mse", which needs no data'
+            )
         # The model is still on the meta device here: this only swaps modules, nothing is allocated.
         self.modules_to_not_convert = _full_precision_modules(model)
         replaced = replace_linears(model, self.quantization_config, skip=self.modules_to_not_convert)
