@@ -69,6 +69,22 @@ def test_quantize_4bit(n, blocksize, quant_type, isa, data):
 
 
 @FUZZ
+@given(rows=st.integers(1, 4), k=st.integers(0, 150), blocksize=blocksizes, quant_type=quant_types, isa=isas,
+       weighted=st.booleans(), ratios=st.lists(st.floats(0.0625, 4.0, width=32), min_size=1, max_size=6),
+       data=st.data())  # fmt: skip
+def test_quantize_4bit_search(rows, k, blocksize, quant_type, isa, weighted, ratios, data):
+    A, _ = data.draw(scaled((rows, k)))
+    importance = None
+    if weighted:  # zeros, and weights from tiny to large
+        importance = values((k,), torch.float32, data.draw(seeds), data.draw(st.integers(-30, 30))).abs()
+        importance[::3] = 0
+    with cpu_kernels(isa):
+        out = ops.quantize_4bit_search(A, blocksize, quant_type, ratios, importance)
+    ref = reference.quantize_4bit_search(A, blocksize, quant_type, ratios, importance)
+    assert all(torch.equal(o, r) for o, r in zip(out, ref))
+
+
+@FUZZ
 @given(shape=st.lists(st.integers(0, 9), min_size=1, max_size=3), blocksize=blocksizes, quant_type=quant_types,
        dtype=dtypes, seed=seeds)  # fmt: skip
 def test_dequantize_4bit(shape, blocksize, quant_type, dtype, seed):

@@ -126,6 +126,7 @@ def _on(device, t):
 
 MIXED_DEVICE_CALLS = {
     "int8_mm": lambda m: ops.int8_mm(torch.zeros(2, 8, dtype=torch.int8, device=m), torch.zeros(3, 8, dtype=torch.int8)),
+    "quantize_4bit_search": lambda m: ops.quantize_4bit_search(torch.randn(4, 64, device=m), importance=torch.ones(64)),
     "dequantize_4bit": lambda m: ops.dequantize_4bit(torch.zeros(32, 1, dtype=torch.uint8, device=m), torch.ones(1), 64,
                                                      "nf4", (64,)),
     "quantize_blockwise": lambda m: ops.quantize_blockwise(torch.randn(300, device=m), dynamic_map()),
@@ -148,6 +149,21 @@ META_BAD_CALLS = [
     (lambda d: ops.quantize_4bit(torch.randn(64, device=d), 0), ValueError, "blocksize must be a power of two"),
     (lambda d: ops.quantize_4bit(torch.randn(64, device=d), 64, "nf5"), ValueError, "quant_type must be 'nf4' or 'fp4'"),
     (lambda d: ops.quantize_4bit(torch.zeros(64, dtype=torch.int32, device=d)), TypeError, "float32, float16 or bfloat16"),
+    (lambda d: ops.quantize_4bit_search(torch.randn(64, device=d), 64, "nf4", []), ValueError,
+     "ratios must have 1 to 64 entries, got 0"),
+    (lambda d: ops.quantize_4bit_search(torch.randn(64, device=d), 64, "nf4", [1.0, 0.0]), ValueError,
+     r"every ratio must be in \(0, 4\], got 0"),
+    (lambda d: ops.quantize_4bit_search(torch.randn(64, device=d), 64, "nf4", [float("nan")]), ValueError,
+     "every ratio must be in"),
+    (lambda d: ops.quantize_4bit_search(torch.randn(4, 64, device=d), 64, "nf4", importance=torch.ones(63, device=d)),
+     ValueError, "importance has 63 entries but A's last dimension is 64"),
+    (lambda d: ops.quantize_4bit_search(torch.randn(4, 64, device=d), 64, "nf4", importance=torch.ones(64, 1, device=d)),
+     ValueError, "importance must be 1-D"),
+    (lambda d: ops.quantize_4bit_search(torch.randn(4, 64, device=d), 64, "nf4",
+                                        importance=torch.ones(64, dtype=torch.float64, device=d)),
+     TypeError, "importance must be Float"),
+    (lambda d: ops.quantize_4bit_search(torch.randn((), device=d), 64, "nf4", importance=torch.ones(1, device=d)),
+     ValueError, r"A \(when importance is given\) must have at least one dimension"),
     (lambda d: ops.dequantize_4bit(torch.zeros(31, 1, dtype=torch.uint8, device=d), torch.ones(1, device=d), 64,
                                  "nf4", (64,)), ValueError, "packed has 31 elements, expected 32"),
     (lambda d: ops.dequantize_4bit(torch.zeros(32, 1, dtype=torch.uint8, device=d), torch.ones(2, device=d), 64,
@@ -171,6 +187,14 @@ def test_meta_calls_raise_what_cpu_calls_raise(case, device):
     call, error, match = META_BAD_CALLS[case]
     with pytest.raises(error, match=match):
         call(device)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -1.0])
+def test_scale_search_importance_must_be_finite_and_non_negative(bad):
+    importance = torch.ones(64)
+    importance[5] = bad
+    with pytest.raises(ValueError, match="lowbit.quantize_4bit_search: importance must be finite and >= 0"):
+        ops.quantize_4bit_search(torch.randn(4, 64), importance=importance)
 
 
 def test_a_code_with_nan_is_not_sorted():
