@@ -8,8 +8,8 @@
 // importance[i % K] (K = the last dimension: one weight per input channel, e.g. the mean squared
 // activation, which makes the block error a diagonal estimate of the output error), or 1.
 //
-// The error and refit sums run in 16 lanes (block element i in lane i % 16, lanes added in order
-// 0..15), each product and sum separately rounded: the AVX-512 path, the portable path and
+// The error and refit sums run in 16 lanes (block element i in lane i % 16, the lanes then added by
+// halving, see lane_total), each product and sum separately rounded: the AVX-512 path, the portable path and
 // reference.quantize_4bit_search compute the same floats, so all three pick the same scale and codes.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -58,11 +58,27 @@ struct Block {
   int64_t len;
 };
 
+// The 16 lane sums added by halving (lane i + lane i + 8, then i + 4, i + 2, i + 1): the order of the
+// AVX-512 reduction below, four dependent adds instead of fifteen.
 float lane_total(const float* lanes) {
-  float total = lanes[0];
-  for (int l = 1; l < kLanes; ++l) total = add_rn(total, lanes[l]);
-  return total;
+  float t[kLanes];
+  for (int l = 0; l < kLanes; ++l) t[l] = lanes[l];
+  for (int half = kLanes / 2; half >= 1; half /= 2) {
+    for (int l = 0; l < half; ++l) t[l] = add_rn(t[l], t[l + half]);
+  }
+  return t[0];
 }
+
+#if LOWBIT_X86
+LOWBIT_AVX512 float lane_total_avx512(__m512 lanes) {
+  const __m256 lo = _mm512_castps512_ps256(lanes);
+  const __m256 hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(lanes), 1));
+  const __m256 t8 = _mm256_add_ps(lo, hi);
+  const __m128 t4 = _mm_add_ps(_mm256_castps256_ps128(t8), _mm256_extractf128_ps(t8, 1));
+  const __m128 t2 = _mm_add_ps(t4, _mm_movehl_ps(t4, t4));
+  return _mm_cvtss_f32(_mm_add_ss(t2, _mm_movehdup_ps(t2)));
+}
+#endif
 
 // Nearest sorted-code indices of the block at scale s (into idx) and their weighted squared error.
 float encode_error_portable(const Block& b, float s, const Codebook4& book, const SearchBook& sb, uint8_t* idx) {
@@ -100,16 +116,13 @@ LOWBIT_AVX512 float encode_error_avx512(const Block& b, float s, const SearchBoo
     const __m512 d = _mm512_sub_ps(v, _mm512_mul_ps(scale, _mm512_permutexvar_ps(k, values)));
     acc = _mm512_add_ps(acc, _mm512_mul_ps(_mm512_loadu_ps(b.h + i), _mm512_mul_ps(d, d)));
   }
-  float lanes[kLanes];
-  _mm512_storeu_ps(lanes, acc);
-  return lane_total(lanes);
+  return lane_total_avx512(acc);
 }
 #endif
 
-// Least-squares scale for fixed codes from its lane sums, or 0 when there is none (all codes zero, no
+// Least-squares scale for fixed codes from its sums, or 0 when there is none (all codes zero, no
 // importance, or a negative fit).
-float least_squares_scale(const float* num_lanes, const float* den_lanes) {
-  const float num = lane_total(num_lanes), den = lane_total(den_lanes);
+float least_squares_scale(float num, float den) {
   const float s = den > 0.f && num > 0.f ? div_rn(num, den) : 0.f;
   return std::isfinite(s) && s >= kMinAbsmax ? s : 0.f;
 }
@@ -121,7 +134,7 @@ float refit_scale_portable(const Block& b, const SearchBook& sb, const uint8_t* 
     num[i % kLanes] = add_rn(num[i % kLanes], mul_rn(b.h[i], mul_rn(b.v[i], c)));
     den[i % kLanes] = add_rn(den[i % kLanes], mul_rn(b.h[i], mul_rn(c, c)));
   }
-  return least_squares_scale(num, den);
+  return least_squares_scale(lane_total(num), lane_total(den));
 }
 
 #if LOWBIT_X86
@@ -134,10 +147,7 @@ LOWBIT_AVX512 float refit_scale_avx512(const Block& b, const SearchBook& sb, con
     num = _mm512_add_ps(num, _mm512_mul_ps(h, _mm512_mul_ps(_mm512_loadu_ps(b.v + i), c)));
     den = _mm512_add_ps(den, _mm512_mul_ps(h, _mm512_mul_ps(c, c)));
   }
-  float num_lanes[kLanes], den_lanes[kLanes];
-  _mm512_storeu_ps(num_lanes, num);
-  _mm512_storeu_ps(den_lanes, den);
-  return least_squares_scale(num_lanes, den_lanes);
+  return least_squares_scale(lane_total_avx512(num), lane_total_avx512(den));
 }
 #endif
 

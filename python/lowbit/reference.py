@@ -68,15 +68,16 @@ _LANES = 16
 
 def _lane_total(t: torch.Tensor) -> torch.Tensor:
     """Row sums of t [blocks, blocksize] in the kernels' order: element i into lane i % 16 (in order of i),
-    then the 16 lanes added 0..15. A fixed order makes the scale search's comparisons exact across devices."""
+    then the 16 lanes added by halving (lane i + lane i + 8, then + 4, + 2, + 1). A fixed order makes the
+    scale search's comparisons exact across devices."""
     chunks = t.view(t.shape[0], t.shape[1] // _LANES, _LANES)
     lanes = chunks[:, 0]
     for j in range(1, chunks.shape[1]):
         lanes = lanes + chunks[:, j]
-    total = lanes[:, 0]
-    for lane in range(1, _LANES):
-        total = total + lanes[:, lane]
-    return total
+    while lanes.shape[1] > 1:
+        half = lanes.shape[1] // 2
+        lanes = lanes[:, :half] + lanes[:, half:]
+    return lanes[:, 0]
 
 
 def quantize_4bit_search(
