@@ -18,6 +18,8 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <cstdlib>
+
 #include "cuda/int8.cuh"
 #include "cuda/launch.cuh"
 #include "validate.h"
@@ -26,8 +28,15 @@ namespace lowbit::cuda {
 namespace {
 
 // Rows of x up to which the GEMV beats quantize + cuBLASLt + epilogue. PROVISIONAL: the same cut-over as
-// the 4-bit GEMV, until benchmarks/bench_cuda.py measures both paths at M = 1..16 on a GPU.
+// the 4-bit GEMV, until benchmarks/bench_cuda.py measures both paths on a GPU (it moves the cut-over with
+// LOWBIT_INT8_GEMV_MAX_ROWS to time each path at every M; the GEMV takes kMaxGemvRows rows per pass over
+// the weight, so above that it re-streams the weight once per group of rows).
 constexpr int64_t kMaxGemvRows = 8;
+
+int64_t gemv_max_rows() {
+  const char* setting = std::getenv("LOWBIT_INT8_GEMV_MAX_ROWS");
+  return setting ? std::atoll(setting) : kMaxGemvRows;
+}
 constexpr int kGemvWarps = 8;  // one weight row per warp
 constexpr int kWeightBytesPerLoad = 16;
 
@@ -64,6 +73,11 @@ __global__ void __launch_bounds__(kGemvWarps * 32) int8_gemv_kernel(const Int8Li
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int64_t n = static_cast<int64_t>(blockIdx.x) * kGemvWarps + warp;
   if (n >= a.N) return;  // the whole warp: the shuffles below stay full-warp
+  // blockIdx.y picks kMaxGemvRows rows of x (more than one group only when the cut-over is raised to measure it).
+  const int64_t row0 = static_cast<int64_t>(blockIdx.y) * kMaxGemvRows;
+  const int64_t rows = min(static_cast<int64_t>(kMaxGemvRows), a.M - row0);
+  const int8_t* codes = a.codes + row0 * a.K;
+  const T* x = a.x + row0 * a.K;
   const int8_t* weight_row = a.weight + n * a.K;
   int32_t acc[kMaxGemvRows] = {};
   if constexpr (kVectorLoads) {
@@ -74,8 +88,8 @@ __global__ void __launch_bounds__(kGemvWarps * 32) int8_gemv_kernel(const Int8Li
       const int4 w = __ldcs(weight_chunks + c);
 #pragma unroll
       for (int m = 0; m < kMaxGemvRows; ++m) {
-        if (m < a.M) {
-          const int4 q = __ldg(reinterpret_cast<const int4*>(a.codes + m * a.K) + c);
+        if (m < rows) {
+          const int4 q = __ldg(reinterpret_cast<const int4*>(codes + m * a.K) + c);
           acc[m] = __dp4a(w.w, q.w, __dp4a(w.z, q.z, __dp4a(w.y, q.y, __dp4a(w.x, q.x, acc[m]))));
         }
       }
@@ -85,7 +99,7 @@ __global__ void __launch_bounds__(kGemvWarps * 32) int8_gemv_kernel(const Int8Li
       const int32_t w = weight_row[k];
 #pragma unroll
       for (int m = 0; m < kMaxGemvRows; ++m)
-        if (m < a.M) acc[m] += w * static_cast<int32_t>(a.codes[m * a.K + k]);
+        if (m < rows) acc[m] += w * static_cast<int32_t>(codes[m * a.K + k]);
     }
   }
   const int n_outliers = a.outliers.size();
@@ -93,15 +107,17 @@ __global__ void __launch_bounds__(kGemvWarps * 32) int8_gemv_kernel(const Int8Li
   const float bias = a.bias ? a.bias[n] : 0.f;
 #pragma unroll
   for (int m = 0; m < kMaxGemvRows; ++m) {
-    if (m >= a.M) continue;
+    if (m >= rows) continue;
     const int32_t total = warp_sum(acc[m]);
     float outlier_sum = 0.f;
     for (int j = lane; j < n_outliers; j += 32) {
       const int32_t k = a.outliers.columns[j];
-      outlier_sum = fmaf(static_cast<float>(a.x[m * a.K + k]), outlier_weight(weight_row[k], weight_scale), outlier_sum);
+      outlier_sum = fmaf(static_cast<float>(x[m * a.K + k]), outlier_weight(weight_row[k], weight_scale), outlier_sum);
     }
     outlier_sum = warp_sum(outlier_sum);
-    if (lane == 0) a.out[m * a.N + n] = static_cast<T>(int8_output(total, a.row_stats[m], weight_scale, outlier_sum, bias));
+    if (lane == 0)
+      a.out[(row0 + m) * a.N + n] =
+          static_cast<T>(int8_output(total, a.row_stats[row0 + m], weight_scale, outlier_sum, bias));
   }
 }
 
@@ -156,7 +172,9 @@ bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0;
 
 template <typename T>
 void launch_gemv(const Int8LinearArgs<T>& a) {
-  const unsigned int grid = grid_size(ceil_div(a.N, kGemvWarps), "lowbit.int8_linear");
+  const int64_t row_groups = ceil_div(a.M, kMaxGemvRows);
+  TORCH_CHECK_VALUE(row_groups <= 65535, "lowbit.int8_linear: too many rows (", a.M, ") for the GEMV path");
+  const dim3 grid(grid_size(ceil_div(a.N, kGemvWarps), "lowbit.int8_linear"), static_cast<unsigned int>(row_groups));
   const cudaStream_t stream = current_stream();
   // Whole 16-byte chunks per row: K % 16 == 0 and a 16-byte aligned weight (the codes are a fresh tensor).
   if (a.K % kWeightBytesPerLoad == 0 && aligned16(a.weight) && aligned16(a.codes))
@@ -194,7 +212,7 @@ at::Tensor int8_linear_cuda(const at::Tensor& x, const at::Tensor& CB, const at:
       act.outlier_count.defined()
           ? OutlierColumns{act.outlier_columns.const_data_ptr<int32_t>(), act.outlier_count.const_data_ptr<int32_t>()}
           : OutlierColumns{nullptr, nullptr};
-  const bool gemv = M <= kMaxGemvRows;
+  const bool gemv = M <= gemv_max_rows();
   const at::Tensor product = gemv ? at::Tensor() : int8_matmul(act.codes, weight);
   LOWBIT_DISPATCH_FLOAT_TYPES(x.scalar_type(), "int8_linear_cuda", [&] {
     const Int8LinearArgs<scalar_t> args{x2.const_data_ptr<scalar_t>(),
