@@ -17,7 +17,8 @@ struct Int8Activations {
   at::Tensor codes;      // int8 [M, K]; outlier columns and poisoned (NaN/Inf) rows are 0
   at::Tensor row_stats;  // float32 [M]: absmax over the row's non-outlier elements; NaN for a poisoned row
   // With threshold > 0 only (otherwise undefined tensors):
-  at::Tensor column_flags;     // uint8 [K]: 1 where the column holds an element with |x| >= threshold
+  at::Tensor column_flags;  // uint8 [K]: 1 where the column holds an element with |x| >= threshold
+  // With threshold > 0 and list_outliers only:
   at::Tensor outlier_columns;  // int32 [K]: the flagged columns in ascending order, then unwritten entries
   at::Tensor outlier_count;    // int32 [1]: how many entries of outlier_columns are written
 };

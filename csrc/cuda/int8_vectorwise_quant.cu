@@ -7,14 +7,13 @@
 //  * Without a threshold a row's codes depend on that row only, so the same CTA writes them straight after
 //    its block-wide max (the row is re-read from L1/L2, not HBM). With a threshold, the codes need every
 //    row's flags (an outlier column is zeroed in all rows), so a second kernel writes them.
-//  * For int8_linear, one CTA compacts the flags into an ascending int32 list and a device-side count
-//    (one block-wide prefix sum), so the matmul epilogues loop over the outlier columns without a host sync;
-//    the list has K entries, so no count can overflow it. The op itself returns the columns as an int64
+//  * For int8_linear, one more CTA of that second kernel compacts the flags into an ascending int32 list and
+//    a device-side count (one block-wide prefix sum), so the matmul epilogues loop over the outlier columns
+//    without a host sync; the list has K entries, so no count can overflow it. The flags and the count share
+//    one zero-filled buffer: with a threshold, a decode call launches one fill and two kernels before the GEMV. The op itself returns the columns as an int64
 //    tensor whose length depends on the data: at::nonzero synchronises, as any such op must.
 #include <ATen/ATen.h>
 #include <torch/library.h>
-
-#include <cub/block/block_scan.cuh>
 
 #include <algorithm>
 #include <limits>
@@ -26,8 +25,6 @@
 
 namespace lowbit::cuda {
 namespace {
-
-constexpr int kCompactThreads = 1024;
 
 // Threads per row CTA: about 8 elements each, so a long decode row (K = 14336) has 1024 threads with
 // loads in flight, while K = 17 takes one warp. block_max needs a multiple of 32.
@@ -81,30 +78,60 @@ __global__ void row_stats_kernel(const T* __restrict__ x, int64_t K, float thres
   if constexpr (kWriteCodes) write_row_codes(row, K, row_stat, nullptr, codes + m * K);
 }
 
-template <typename T>
-__global__ void row_codes_kernel(const T* __restrict__ x, int64_t K, const float* __restrict__ row_stats,
-                                 const uint8_t* __restrict__ column_flags, int8_t* __restrict__ codes) {
-  const int64_t m = blockIdx.x;
-  write_row_codes(x + m * K, K, row_stats[m], column_flags, codes + m * K);
+// Inclusive prefix sum over a warp (Kogge-Stone with shuffles).
+__device__ int warp_inclusive_sum(int v) {
+  const int lane = threadIdx.x % 32;
+#pragma unroll
+  for (int offset = 1; offset < 32; offset <<= 1) {
+    const int below = __shfl_up_sync(0xffffffffu, v, offset);
+    if (lane >= offset) v += below;
+  }
+  return v;
 }
 
-// One CTA: each thread counts the flags of its contiguous slice, one exclusive prefix sum gives each slice's
-// first slot, and the slices are written in order, so the list ascends (the epilogues then sum the outlier
-// columns in the same order on every run: graph replays equal eager calls bit for bit).
-__global__ void __launch_bounds__(kCompactThreads)
-    list_outlier_columns_kernel(const uint8_t* __restrict__ column_flags, int64_t K, int32_t* __restrict__ columns,
-                                int32_t* __restrict__ count) {
-  using Scan = cub::BlockScan<int, kCompactThreads>;
-  __shared__ typename Scan::TempStorage scan_storage;
-  const int64_t per_thread = (K + kCompactThreads - 1) / kCompactThreads;
+// The exclusive prefix sum of v over the CTA (blockDim.x a multiple of 32), and the CTA's total.
+__device__ int block_exclusive_sum(int v, int& total) {
+  __shared__ int warp_prefix[32];
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
+  const int inclusive = warp_inclusive_sum(v);
+  if (lane == 31) warp_prefix[warp] = inclusive;
+  __syncthreads();
+  if (warp == 0) {  // each lane reads, then writes, its own slot
+    const int prefix = warp_inclusive_sum(lane < warps ? warp_prefix[lane] : 0);
+    if (lane < warps) warp_prefix[lane] = prefix;
+  }
+  __syncthreads();
+  total = warp_prefix[warps - 1];
+  return inclusive - v + (warp > 0 ? warp_prefix[warp - 1] : 0);
+}
+
+// Each thread counts the flags of its contiguous slice, one prefix sum gives each slice its first slot, and
+// the slices are written in order, so the list ascends (the epilogues then sum the outlier columns in the
+// same order on every run: graph replays equal eager calls bit for bit).
+__device__ void list_outlier_columns(const uint8_t* __restrict__ column_flags, int64_t K, int32_t* __restrict__ columns,
+                                     int32_t* __restrict__ count) {
+  const int64_t per_thread = (K + blockDim.x - 1) / blockDim.x;
   const int64_t begin = threadIdx.x * per_thread, end = min(K, begin + per_thread);
   int flagged = 0;
   for (int64_t k = begin; k < end; ++k) flagged += column_flags[k];
-  int slot = 0, total = 0;
-  Scan(scan_storage).ExclusiveSum(flagged, slot, total);
+  int total = 0;
+  int slot = block_exclusive_sum(flagged, total);
   for (int64_t k = begin; k < end; ++k)
     if (column_flags[k]) columns[slot++] = static_cast<int32_t>(k);
   if (threadIdx.x == 0) *count = total;
+}
+
+// Blocks 0..M-1 write the codes of their rows; with a list to fill (columns non-null), block M compacts the flags.
+template <typename T>
+__global__ void row_codes_kernel(const T* __restrict__ x, int64_t M, int64_t K, const float* __restrict__ row_stats,
+                                 const uint8_t* __restrict__ column_flags, int8_t* __restrict__ codes,
+                                 int32_t* __restrict__ columns, int32_t* __restrict__ count) {
+  const int64_t m = blockIdx.x;
+  if (m == M) {
+    list_outlier_columns(column_flags, K, columns, count);
+    return;
+  }
+  write_row_codes(x + m * K, K, row_stats[m], column_flags, codes + m * K);
 }
 
 }  // namespace
@@ -116,11 +143,18 @@ Int8Activations quantize_activations(const at::Tensor& x2, double threshold, boo
   Int8Activations a;
   a.codes = at::empty({M, K}, x2.options().dtype(at::kChar));
   a.row_stats = at::empty({M}, x2.options().dtype(at::kFloat));
-  if (has_threshold) a.column_flags = at::zeros({K}, x2.options().dtype(at::kByte));
-  if (has_threshold && list_outliers) {
+  const bool list = has_threshold && list_outliers;
+  if (has_threshold) {
+    // One zero fill for the count (an int32) and the K flags (bytes) after it.
+    const at::Tensor zeroed = at::zeros({1 + ceil_div(K, 4)}, x2.options().dtype(at::kInt));
+    a.outlier_count = zeroed.narrow(0, 0, 1);
+    a.column_flags = zeroed.narrow(0, 1, ceil_div(K, 4)).view(at::kByte).narrow(0, 0, K);
+  }
+  if (list) {
     TORCH_CHECK(K <= std::numeric_limits<int32_t>::max(), "lowbit: too many columns for an int32 outlier list");
     a.outlier_columns = at::empty({K}, x2.options().dtype(at::kInt));
-    a.outlier_count = at::zeros({1}, x2.options().dtype(at::kInt));
+  } else {
+    a.outlier_count = at::Tensor();
   }
   if (M == 0) return a;
   const unsigned int rows = grid_size(M, "lowbit.int8_vectorwise_quant");
@@ -138,14 +172,11 @@ Int8Activations quantize_activations(const at::Tensor& x2, double threshold, boo
     }
     row_stats_kernel<scalar_t, false><<<rows, threads, 0, stream>>>(x, K, threshold_f, true, stats, flags, codes);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    row_codes_kernel<scalar_t><<<rows, threads, 0, stream>>>(x, K, stats, flags, codes);
+    row_codes_kernel<scalar_t><<<grid_size(M + (list ? 1 : 0), "lowbit.int8_vectorwise_quant"), threads, 0, stream>>>(
+        x, M, K, stats, flags, codes, list ? a.outlier_columns.data_ptr<int32_t>() : nullptr,
+        list ? a.outlier_count.data_ptr<int32_t>() : nullptr);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  if (has_threshold && list_outliers) {
-    list_outlier_columns_kernel<<<1, kCompactThreads, 0, stream>>>(flags, K, a.outlier_columns.data_ptr<int32_t>(),
-                                                                    a.outlier_count.data_ptr<int32_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
   return a;
 }
 
