@@ -184,6 +184,15 @@ def bench_int8_linear(name: str, K: int, N: int, bandwidth: float) -> list[dict]
     return rows
 
 
+def guarded(bench, name: str, K: int, N: int, bandwidth: float) -> list[dict]:
+    """bench's rows, or one row with the error: a failing shape must not lose the rest of the run's results."""
+    try:
+        return bench(name, K, N, bandwidth)
+    except Exception as e:  # noqa: BLE001
+        print(f"{name}: {bench.__name__} failed: {type(e).__name__}: {e}", flush=True)
+        return [dict(shape=name, K=K, N=N, error=f"{type(e).__name__}: {e}")]
+
+
 def bench_quantize(bandwidth: float) -> dict:
     weight = torch.randn(14336, 4096, device="cuda", dtype=torch.bfloat16)
     ms = time_ms(lambda i: ops.quantize_4bit(weight, 64, "nf4"), copies=1, iters=10)
@@ -202,7 +211,7 @@ def main(argv=None):
         device=torch.cuda.get_device_name(), date=datetime.date.today().isoformat(), torch=torch.__version__,
         cuda=torch.version.cuda, lowbit=lowbit.build_info(), copy_bandwidth_GBps=bandwidth / 1e9,
         linear=[row for name, (K, N) in SHAPES.items() for row in bench_linear(name, K, N, bandwidth)],
-        int8_linear=[row for name, (K, N) in SHAPES.items() for row in bench_int8_linear(name, K, N, bandwidth)],
+        int8_linear=[row for name, (K, N) in SHAPES.items() for row in guarded(bench_int8_linear, name, K, N, bandwidth)],
         quantize=bench_quantize(bandwidth),
     )  # fmt: skip
     os.makedirs(args.out, exist_ok=True)
