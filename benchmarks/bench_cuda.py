@@ -9,7 +9,8 @@ measured device-to-device copy bandwidth; the table gives the fraction of it rea
 quantize_4bit of a 14336 x 4096 bf16 weight against copy bandwidth.
 
 LLM.int8() rows (int8_linear, same shapes, M and method): threshold 0, and threshold 6.0 with ~0.1% of the
-input's columns planted as outliers (8.0 in every row); at M <= 64 both CUDA paths (the dp4a GEMV and
+input's columns planted as outliers (8.0 in every row); at M <= 16 also from CUDA-graph replays (no host
+launch overhead, as in a graph-captured decode step); at M <= 64 both CUDA paths (the dp4a GEMV and
 cuBLASLt + epilogue, forced through LOWBIT_INT8_GEMV_MAX_ROWS) are timed, to set the cut-over in
 csrc/cuda/int8_linear.cu; bitsandbytes' Linear8bitLt in the same run where it is installed.
 """
@@ -49,6 +50,22 @@ def time_ms(fn, copies: int, iters: int = 50, repeats: int = 7) -> float:
         end.synchronize()
         samples.append(start.elapsed_time(end) / iters)
     return statistics.median(samples)
+
+
+def graph_ms(fn, copies: int, calls: int = 50) -> float:
+    """Median per-call time of fn(i), i cycling over `copies`, replayed from one CUDA graph of `calls` calls:
+    the GPU's time without the host's launch overhead (what a graph-captured decode step sees)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for i in range(copies):
+            fn(i)  # warm up outside the capture
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(calls):
+            fn(i % copies)
+    return time_ms(lambda i: graph.replay(), copies=1, iters=5) / calls
 
 
 def copy_bandwidth() -> float:
@@ -172,6 +189,10 @@ def bench_int8_linear(name: str, K: int, N: int, bandwidth: float) -> list[dict]
                    int8_t6_ms=t_outliers, speedup_t6=t_bf16 / t_outliers,
                    outlier_columns=int((x_outliers != x).any(0).sum()),
                    int8_bandwidth_fraction=moved / (t_int8 / 1e3) / bandwidth)  # fmt: skip
+        if M <= 16:  # decode: eager timings can be bound by host launch overhead; graph replays are not
+            row["bf16_graph_ms"] = graph_ms(lambda i: F.linear(x, bf16[i]), copies=len(bf16))
+            row["int8_graph_ms"] = graph_ms(int8_linear(x, 0.0), copies=len(int8))
+            row["int8_t6_graph_ms"] = graph_ms(int8_linear(x_outliers, 6.0), copies=len(int8))
         if M <= 64:  # both paths, for the cut-over (the GEMV re-streams the weight per 8 rows: not beyond)
             row["gemv_ms"] = int8_path_ms(1 << 30, int8_linear(x, 0.0), len(int8))
             row["gemm_ms"] = int8_path_ms(0, int8_linear(x, 0.0), len(int8))
@@ -179,6 +200,9 @@ def bench_int8_linear(name: str, K: int, N: int, bandwidth: float) -> list[dict]
             row[key] = bitsandbytes_ms(bnb_layers, x if threshold == 0 else x_outliers, threshold)
         rows.append(row)
         paths = f"  gemv {row['gemv_ms']:8.4f} gemm {row['gemm_ms']:8.4f}" if "gemv_ms" in row else ""
+        if "int8_graph_ms" in row:
+            bf16_graph = row["bf16_graph_ms"]
+            paths += f"  graphs x{bf16_graph / row['int8_graph_ms']:5.2f} t6 x{bf16_graph / row['int8_t6_graph_ms']:5.2f}"
         print(f"{name:8s} M={M:5d}  bf16 {t_bf16:8.4f} ms  int8 {t_int8:8.4f} ms  x{t_bf16 / t_int8:5.2f}  "
               f"t6 {t_outliers:8.4f} ms  x{t_bf16 / t_outliers:5.2f}{paths}", flush=True)  # fmt: skip
     return rows
