@@ -201,8 +201,8 @@ def bench_int8_linear(name: str, K: int, N: int, bandwidth: float) -> list[dict]
         rows.append(row)
         paths = f"  gemv {row['gemv_ms']:8.4f} gemm {row['gemm_ms']:8.4f}" if "gemv_ms" in row else ""
         if "int8_graph_ms" in row:
-            bf16_graph = row["bf16_graph_ms"]
-            paths += f"  graphs x{bf16_graph / row['int8_graph_ms']:5.2f} t6 x{bf16_graph / row['int8_t6_graph_ms']:5.2f}"
+            graph_speedups = [row["bf16_graph_ms"] / row[key] for key in ("int8_graph_ms", "int8_t6_graph_ms")]
+            paths += "  graphs x{:5.2f} t6 x{:5.2f}".format(*graph_speedups)
         print(f"{name:8s} M={M:5d}  bf16 {t_bf16:8.4f} ms  int8 {t_int8:8.4f} ms  x{t_bf16 / t_int8:5.2f}  "
               f"t6 {t_outliers:8.4f} ms  x{t_bf16 / t_outliers:5.2f}{paths}", flush=True)  # fmt: skip
     return rows
@@ -235,7 +235,9 @@ def main(argv=None):
         device=torch.cuda.get_device_name(), date=datetime.date.today().isoformat(), torch=torch.__version__,
         cuda=torch.version.cuda, lowbit=lowbit.build_info(), copy_bandwidth_GBps=bandwidth / 1e9,
         linear=[row for name, (K, N) in SHAPES.items() for row in bench_linear(name, K, N, bandwidth)],
-        int8_linear=[row for name, (K, N) in SHAPES.items() for row in guarded(bench_int8_linear, name, K, N, bandwidth)],
+        int8_linear=[
+            row for name, (K, N) in SHAPES.items() for row in guarded(bench_int8_linear, name, K, N, bandwidth)
+        ],
         quantize=bench_quantize(bandwidth),
     )  # fmt: skip
     os.makedirs(args.out, exist_ok=True)

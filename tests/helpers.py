@@ -40,7 +40,7 @@ def assert_close_to_exact(out: torch.Tensor, ref: torch.Tensor, exact: torch.Ten
     assert err <= 2 * ref_err + ulp, f"{what}: error {err:.3g} vs reference error {ref_err:.3g} (+ulp {ulp:.3g})"
 
 
-def int8_linear_exact(x: torch.Tensor, CB: torch.Tensor, SCB: torch.Tensor, threshold: float, bias=None) -> torch.Tensor:
+def int8_linear_exact(x: torch.Tensor, CB: torch.Tensor, SCB: torch.Tensor, threshold: float, bias=None):
     """The float64 truth of LLM.int8() on x's 2-D rows: the reference's int8 activations and outlier columns,
     exact accumulation and scaling."""
     q, stats, cols = reference.int8_vectorwise_quant(x, threshold)

@@ -188,7 +188,8 @@ template <typename T>
 void launch_epilogue(const Int8LinearArgs<T>& a) {
   const int64_t column_tiles = ceil_div(a.N, kEpilogueCols);
   TORCH_CHECK_VALUE(column_tiles <= 65535, "lowbit.int8_linear: too many output features (", a.N, ") for one launch");
-  const dim3 grid(grid_size(ceil_div(a.M, kEpilogueRows), "lowbit.int8_linear"), static_cast<unsigned int>(column_tiles));
+  const dim3 grid(grid_size(ceil_div(a.M, kEpilogueRows), "lowbit.int8_linear"),
+                  static_cast<unsigned int>(column_tiles));
   int8_epilogue_kernel<T><<<grid, dim3(kEpilogueCols, kEpilogueRowThreads), 0, current_stream()>>>(a);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }

@@ -10,8 +10,9 @@
 //  * For int8_linear, one more CTA of that second kernel compacts the flags into an ascending int32 list and
 //    a device-side count (one block-wide prefix sum), so the matmul epilogues loop over the outlier columns
 //    without a host sync; the list has K entries, so no count can overflow it. The flags and the count share
-//    one zero-filled buffer: with a threshold, a decode call launches one fill and two kernels before the GEMV. The op itself returns the columns as an int64
-//    tensor whose length depends on the data: at::nonzero synchronises, as any such op must.
+//    one zero-filled buffer: with a threshold, a decode call launches one fill and two kernels before the GEMV.
+//    The op itself returns the columns as an int64 tensor whose length depends on the data: at::nonzero
+//    synchronises, as any such op must.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -28,7 +29,9 @@ namespace {
 
 // Threads per row CTA: about 8 elements each, so a long decode row (K = 14336) has 1024 threads with
 // loads in flight, while K = 17 takes one warp. block_max needs a multiple of 32.
-int row_threads(int64_t K) { return static_cast<int>(std::clamp<int64_t>(ceil_div(ceil_div(K, 8), 32) * 32, 32, 1024)); }
+int row_threads(int64_t K) {
+  return static_cast<int>(std::clamp<int64_t>(ceil_div(ceil_div(K, 8), 32) * 32, 32, 1024));
+}
 
 // The CPU's float32 arithmetic for one row: (1 / absmax) * 127, multiply, round half to even. A subnormal
 // absmax overflows the reciprocal; such rows divide instead. A zero or poisoned (NaN) absmax gives 0.
