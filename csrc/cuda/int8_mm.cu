@@ -4,8 +4,9 @@
 //    (column-major) order need the "TN" layout, 4-byte aligned pointers, leading dimensions and m, k
 //    multiples of 4. Row-major A [M, K] and B [N, K] are column-major K x M and K x N, so C^T [N, M]
 //    (= row-major C [M, N]) is op(B') = B'^T times A': transa = T, m = N, n = M, k = K. Rule: K % 4 == 0,
-//    N % 4 == 0, A and B 16-byte aligned (the wide-load kernels), and the heuristic finds an algorithm;
-//    its workspace comes from PyTorch's caching allocator on the current stream (graph-capturable).
+//    N % 4 == 0, A and B 16-byte aligned (the wide-load kernels), and the heuristic, told the buffers' real
+//    alignment, finds an algorithm (its answer is cached per problem); the workspace comes from PyTorch's
+//    caching allocator on the current stream (graph-capturable).
 //    Integer accumulation is exact, so every algorithm gives the same bits.
 //  * anything else (K = 17, N odd, an offset view's pointer, no algorithm): a shared-memory tiled kernel on
 //    CUDA cores, exact too; slow, but only odd shapes reach it.
@@ -15,6 +16,8 @@
 #include <torch/library.h>
 
 #include <mutex>
+#include <optional>
+#include <unordered_map>
 #include <vector>
 
 #include "cuda/int8.cuh"
@@ -73,9 +76,67 @@ bool cublaslt_takes(const at::Tensor& A, const at::Tensor& B) {
   return K % 4 == 0 && N % 4 == 0 && aligned16(A.const_data_ptr()) && aligned16(B.const_data_ptr());
 }
 
-// C = A @ B.T through cuBLASLt; false (C untouched) when no algorithm takes the shape.
+// The largest power of two up to 256 dividing the address. cuBLASLt's heuristic assumes 256-byte aligned
+// buffers unless told otherwise, and may pick a kernel that needs them.
+uint32_t alignment(const void* p) {
+  const auto address = reinterpret_cast<uintptr_t>(p);
+  uint32_t bytes = 256;
+  while (address % bytes) bytes /= 2;
+  return bytes;
+}
+
+// What cuBLASLt's choice depends on here (types, layouts and transposes are fixed by the shape).
+struct Problem {
+  int device;
+  int64_t M, N, K;
+  uint32_t weight_alignment, input_alignment, output_alignment;
+  bool operator==(const Problem&) const = default;
+};
+
+struct ProblemHash {
+  size_t operator()(const Problem& p) const {
+    size_t h = std::hash<int64_t>()(p.M);
+    for (const int64_t v : {int64_t{p.device}, p.N, p.K, int64_t{p.weight_alignment}, int64_t{p.input_alignment},
+                            int64_t{p.output_alignment}})
+      h = h * 1000003u ^ std::hash<int64_t>()(v);
+    return h;
+  }
+};
+
+// cuBLASLt's pick for a problem, or none, asked once per problem: the heuristic query costs host time that
+// a decode step or a small prefill would otherwise pay on every call. (One entry per distinct M seen.)
+std::optional<cublasLtMatmulHeuristicResult_t> best_algorithm(cublasLtHandle_t lt, const Problem& problem,
+                                                              cublasLtMatmulDesc_t op, cublasLtMatrixLayout_t weight,
+                                                              cublasLtMatrixLayout_t input,
+                                                              cublasLtMatrixLayout_t output) {
+  static std::mutex mutex;
+  static std::unordered_map<Problem, std::optional<cublasLtMatmulHeuristicResult_t>, ProblemHash> chosen;
+  const std::lock_guard<std::mutex> lock(mutex);
+  if (const auto it = chosen.find(problem); it != chosen.end()) return it->second;
+  Preference preference;
+  LOWBIT_CUBLASLT_CHECK(cublasLtMatmulPreferenceCreate(&preference.handle));
+  const auto prefer = [&](cublasLtMatmulPreferenceAttributes_t attribute, const auto& value) {
+    LOWBIT_CUBLASLT_CHECK(cublasLtMatmulPreferenceSetAttribute(preference.handle, attribute, &value, sizeof(value)));
+  };
+  prefer(CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, kMaxWorkspaceBytes);
+  prefer(CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, problem.weight_alignment);
+  prefer(CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, problem.input_alignment);
+  prefer(CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, problem.output_alignment);
+  prefer(CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, problem.output_alignment);
+  cublasLtMatmulHeuristicResult_t best{};
+  int found = 0;
+  const cublasStatus_t searched =
+      cublasLtMatmulAlgoGetHeuristic(lt, op, weight, input, output, output, preference.handle, 1, &best, &found);
+  if (searched != CUBLAS_STATUS_NOT_SUPPORTED) LOWBIT_CUBLASLT_CHECK(searched);
+  std::optional<cublasLtMatmulHeuristicResult_t> answer;
+  if (searched == CUBLAS_STATUS_SUCCESS && found > 0) answer = best;
+  chosen.emplace(problem, answer);
+  return answer;
+}
+
+// C = A @ B.T through cuBLASLt; false (C untouched) when no algorithm takes the problem.
 bool matmul_cublaslt(const at::Tensor& A, const at::Tensor& B, at::Tensor& C) {
-  const uint64_t M = A.size(0), K = A.size(1), N = B.size(0);
+  const int64_t M = A.size(0), K = A.size(1), N = B.size(0);
   const cublasLtHandle_t lt = lt_handle();
   MatmulDesc op;
   LOWBIT_CUBLASLT_CHECK(cublasLtMatmulDescCreate(&op.handle, CUBLAS_COMPUTE_32I, CUDA_R_32I));
@@ -86,22 +147,16 @@ bool matmul_cublaslt(const at::Tensor& A, const at::Tensor& B, at::Tensor& C) {
   LOWBIT_CUBLASLT_CHECK(cublasLtMatrixLayoutCreate(&weight.handle, CUDA_R_8I, K, N, K));
   LOWBIT_CUBLASLT_CHECK(cublasLtMatrixLayoutCreate(&input.handle, CUDA_R_8I, K, M, K));
   LOWBIT_CUBLASLT_CHECK(cublasLtMatrixLayoutCreate(&output.handle, CUDA_R_32I, N, M, N));
-  Preference preference;
-  LOWBIT_CUBLASLT_CHECK(cublasLtMatmulPreferenceCreate(&preference.handle));
-  LOWBIT_CUBLASLT_CHECK(cublasLtMatmulPreferenceSetAttribute(
-      preference.handle, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &kMaxWorkspaceBytes, sizeof(kMaxWorkspaceBytes)));
-  cublasLtMatmulHeuristicResult_t best{};
-  int found = 0;
-  const cublasStatus_t searched = cublasLtMatmulAlgoGetHeuristic(
-      lt, op.handle, weight.handle, input.handle, output.handle, output.handle, preference.handle, 1, &best, &found);
-  if (searched == CUBLAS_STATUS_NOT_SUPPORTED || (searched == CUBLAS_STATUS_SUCCESS && found == 0)) return false;
-  LOWBIT_CUBLASLT_CHECK(searched);
-  const at::Tensor workspace =
-      at::empty({static_cast<int64_t>(best.workspaceSize)}, A.options().dtype(at::kByte));
+  const Problem problem{A.get_device(), M, N, K, alignment(B.const_data_ptr()), alignment(A.const_data_ptr()),
+                        alignment(C.const_data_ptr())};
+  const std::optional<cublasLtMatmulHeuristicResult_t> best =
+      best_algorithm(lt, problem, op.handle, weight.handle, input.handle, output.handle);
+  if (!best) return false;
+  const at::Tensor workspace = at::empty({static_cast<int64_t>(best->workspaceSize)}, A.options().dtype(at::kByte));
   const int32_t alpha = 1, beta = 0;
   LOWBIT_CUBLASLT_CHECK(cublasLtMatmul(lt, op.handle, &alpha, B.const_data_ptr(), weight.handle, A.const_data_ptr(),
                                        input.handle, &beta, C.data_ptr(), output.handle, C.data_ptr(), output.handle,
-                                       &best.algo, workspace.data_ptr(), best.workspaceSize, current_stream()));
+                                       &best->algo, workspace.data_ptr(), best->workspaceSize, current_stream()));
   return true;
 }
 
