@@ -3,7 +3,8 @@
 # it failed; the exit status says whether all passed):
 #   1. build lowbit with its CUDA kernels for the GPU present (LOWBIT_CUDA=ON);
 #   2. the CUDA cases of the op, fallback and layer tests, and tests/test_cuda.py;
-#   3. tests/test_cuda.py under compute-sanitizer memcheck (some machines refuse it: then the log says so);
+#   3. tests/test_cuda.py under compute-sanitizer memcheck, at most 3 minutes (some machines refuse it: then
+#      the log says so; a timeout there fails the step and the log shows how far it got);
 #   4. benchmarks/bench_cuda.py (bench_cuda.json).
 # Budget: about 8 minutes on an H200 machine, so a 15-minute lease leaves room for one rerun.
 #   locally: OUT=/tmp/gpu bash scripts/gpu_check.sh     (without a GPU the build fails or the CUDA tests skip)
@@ -26,6 +27,6 @@ python3 -c "import json, lowbit, torch; print(json.dumps({**lowbit.build_info(),
 cat "$OUT/build_info.json"
 step tests python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_fallback.py \
   "tests/test_ops.py" "tests/test_nn.py" -k "cuda or test_cuda or fallback"
-step sanitizer compute-sanitizer --tool memcheck --error-exitcode 1 python3 -m pytest -q -p no:cacheprovider -x tests/test_cuda.py
+step sanitizer timeout 180 compute-sanitizer --tool memcheck --error-exitcode 1 python3 -m pytest -q -p no:cacheprovider -x tests/test_cuda.py
 step bench python3 benchmarks/bench_cuda.py --out "$OUT"
 exit $status

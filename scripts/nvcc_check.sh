@@ -14,11 +14,22 @@ scratch=$(mktemp -d)
 trap 'rm -rf "$scratch"' EXIT
 if python -c "import sys, torch; sys.exit(torch.version.cuda is None)" 2>/dev/null; then
   torch_include=$(python -c "from torch.utils.cpp_extension import include_paths; print(' '.join('-I' + p for p in include_paths()))")
+  # The nvidia-* wheels' headers (cuBLASLt among them), as CMakeLists.txt adds them.
+  torch_include="$torch_include $(python -c "import os, nvidia; print(' '.join('-I' + os.path.join(p, d, 'include') for p in nvidia.__path__ for d in sorted(os.listdir(p)) if os.path.isdir(os.path.join(p, d, 'include'))))" 2>/dev/null || true)"
 else
   python -m pip download --quiet --no-deps --only-binary=:all: --dest "$scratch" torch
   unzip -q "$scratch"/torch-*.whl 'torch/include/*' -d "$scratch"
   torch_include="-I$scratch/torch/include -I$scratch/torch/include/torch/csrc/api/include"
   echo "nvcc: headers of $(basename "$scratch"/torch-*.whl) (the installed torch has no CUDA)"
+fi
+# cuBLASLt's header (csrc/cuda/int8_mm.cu): the toolkit's or a CUDA torch's nvidia-cublas wheel's, else
+# the headers of the nvidia-cublas wheel pip resolves (some toolkits ship the library without the header).
+if ! echo '#include <cublasLt.h>' | "$NVCC" $torch_include -x cu -E - -o /dev/null >/dev/null 2>&1; then
+  python -m pip download --quiet --no-deps --only-binary=:all: --dest "$scratch/cublas" nvidia-cublas
+  unzip -q "$scratch"/cublas/nvidia_cublas-*.whl '*/include/*' -d "$scratch/cublas"
+  cublas_header=$(find "$scratch/cublas" -name cublasLt.h | head -1)
+  torch_include="$torch_include -I$(dirname "$cublas_header")"
+  echo "nvcc: cublasLt.h from $(basename "$scratch"/cublas/nvidia_cublas-*.whl)"
 fi
 flags=(-std=c++20 -O3 --expt-relaxed-constexpr -Icsrc $torch_include)
 archs=(-gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=sm_90)

@@ -40,6 +40,15 @@ def assert_close_to_exact(out: torch.Tensor, ref: torch.Tensor, exact: torch.Ten
     assert err <= 2 * ref_err + ulp, f"{what}: error {err:.3g} vs reference error {ref_err:.3g} (+ulp {ulp:.3g})"
 
 
+def int8_linear_exact(x: torch.Tensor, CB: torch.Tensor, SCB: torch.Tensor, threshold: float, bias=None):
+    """The float64 truth of LLM.int8() on x's 2-D rows: the reference's int8 activations and outlier columns,
+    exact accumulation and scaling."""
+    q, stats, cols = reference.int8_vectorwise_quant(x, threshold)
+    w = CB.double() * SCB.double().unsqueeze(1) / 127
+    exact = (q.double() @ w.t()) * stats.double().unsqueeze(1) / 127 + x[:, cols].double() @ w[:, cols].t()
+    return exact if bias is None else exact + bias.double()
+
+
 def op_cases(device="cpu"):
     """One call of every op (two of linear_4bit: plain and double-quantized scales): (op, args) on `device`."""
     W = torch.randn(24, 128, device=device)

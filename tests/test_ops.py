@@ -2,7 +2,16 @@
 
 import pytest
 import torch
-from helpers import DTYPES, K_BLOCKSIZES, QUANT_TYPES, ROWS, SIZES, assert_close_to_exact, op_cases
+from helpers import (
+    DTYPES,
+    K_BLOCKSIZES,
+    QUANT_TYPES,
+    ROWS,
+    SIZES,
+    assert_close_to_exact,
+    int8_linear_exact,
+    op_cases,
+)
 
 import lowbit
 from lowbit import ops, reference
@@ -270,11 +279,7 @@ def test_int8_linear_matches_reference(kernel_device, threshold, M, K, dtype):
     bias = torch.randn(N, device=kernel_device).to(dtype)
     out = ops.int8_linear(x, CB, SCB, threshold, bias)
     ref = reference.int8_linear(x, CB, SCB, threshold, bias)
-    # The float64 truth of the same algorithm (same int8 activations, exact accumulation and scaling).
-    q, stats, cols = reference.int8_vectorwise_quant(x, threshold)
-    w = CB.double() * SCB.double().unsqueeze(1) / 127
-    exact = (q.double() @ w.t()) * stats.double().unsqueeze(1) / 127 + x[:, cols].double() @ w[:, cols].t()
-    assert_close_to_exact(out, ref, exact + bias.double(), f"int8_linear M={M} K={K}")
+    assert_close_to_exact(out, ref, int8_linear_exact(x, CB, SCB, threshold, bias), f"int8_linear M={M} K={K}")
 
 
 @pytest.mark.parametrize("M", [1, 4, 17, 65])  # the GEMV kernels up to 16 rows, the slab GEMM beyond
