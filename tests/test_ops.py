@@ -414,6 +414,16 @@ def test_int8_linear_propagates_nan_like_float_linear(device):
         assert ops.int8_linear(x, CB, SCB, 0.0)[0].isnan().all()
 
 
+def test_int8_quant_of_a_nan_in_another_rows_outlier_column_matches_reference(device):
+    # Column 5 is an outlier column because of row 0; row 1's NaN there is still a NaN, not an outlier.
+    x = torch.randn(3, 64, device=device)
+    x[0, 5], x[1, 5], x[2, 7] = 50.0, float("nan"), float("inf")
+    out, ref = ops.int8_vectorwise_quant(x, 6.0), reference.int8_vectorwise_quant(x, 6.0)
+    assert torch.equal(out[0], ref[0]) and torch.equal(out[2], ref[2])
+    assert torch.equal(out[1].isnan(), ref[1].isnan()) and torch.equal(out[1].nan_to_num(), ref[1].nan_to_num())
+    assert out[1][1].isnan() and out[1][2].isfinite()  # the Inf is an outlier element: computed in float
+
+
 def test_int8_quant_subnormal_rows_match_reference(device):
     with torch.device(device):
         x = torch.full((2, 16), 1e-40)

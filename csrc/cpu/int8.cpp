@@ -46,8 +46,10 @@ RowQuantized quantize_rows(const at::Tensor& x, double threshold) {
       bool finite = true;
       for (int64_t k = 0; k < K; ++k) {
         const float a = std::abs(xr[k]);
-        const bool is_outlier = outlier && outlier[k];
-        if (threshold <= 0 || a < thr) amax = std::max(amax, a);
+        // An Inf at or above the threshold is an outlier element, computed in float; a NaN never is, even in
+        // a column another row made an outlier column (as in the reference).
+        const bool is_outlier = threshold > 0 && a >= thr;
+        if (!is_outlier) amax = std::max(amax, a);
         finite &= is_outlier || std::isfinite(a);
       }
       if (!finite) {

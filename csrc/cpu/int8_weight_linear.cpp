@@ -35,21 +35,36 @@ void gemv_portable(const int8_t* CB, const float* scale, const float* x, int64_t
 }
 
 #if LOWBIT_X86
-// MT rows of x at a time, so their accumulators stay in registers.
+LOWBIT_AVX512 inline __m512 int8x16_to_float(const int8_t* p) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+}
+
+// MT rows of x at a time, so their accumulators stay in registers. Each row keeps 4 / MT independent
+// accumulators (one for MT >= 3): an FMA takes 4 cycles, so a single chain per row would let one row of x
+// use a quarter of the FMA throughput, and at M = 1 the kernel would be bound by that chain, not by memory.
 template <int MT>
 LOWBIT_AVX512 void gemv_avx512_rows(const int8_t* CB, const float* scale, const float* x, int64_t N, int64_t K,
                                     float* out, int64_t n0, int64_t n1) {
-  const int64_t K16 = K / 16 * 16;
+  constexpr int U = MT >= 3 ? 1 : 4 / MT;
+  const int64_t K_unrolled = K / (16 * U) * (16 * U), K16 = K / 16 * 16;
   for (int64_t n = n0; n < n1; ++n) {
     const int8_t* row = CB + n * K;
-    __m512 acc[MT];
-    for (int m = 0; m < MT; ++m) acc[m] = _mm512_setzero_ps();
-    for (int64_t k = 0; k < K16; k += 16) {
-      const __m512 w = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + k))));
-      for (int m = 0; m < MT; ++m) acc[m] = _mm512_fmadd_ps(w, _mm512_loadu_ps(x + m * K + k), acc[m]);
+    __m512 acc[MT][U];
+    for (int m = 0; m < MT; ++m)
+      for (int u = 0; u < U; ++u) acc[m][u] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < K_unrolled; k += 16 * U) {
+      for (int u = 0; u < U; ++u) {
+        const __m512 w = int8x16_to_float(row + k + 16 * u);
+        for (int m = 0; m < MT; ++m) acc[m][u] = _mm512_fmadd_ps(w, _mm512_loadu_ps(x + m * K + k + 16 * u), acc[m][u]);
+      }
+    }
+    for (int64_t k = K_unrolled; k < K16; k += 16) {
+      const __m512 w = int8x16_to_float(row + k);
+      for (int m = 0; m < MT; ++m) acc[m][0] = _mm512_fmadd_ps(w, _mm512_loadu_ps(x + m * K + k), acc[m][0]);
     }
     for (int m = 0; m < MT; ++m) {
-      float total = _mm512_reduce_add_ps(acc[m]);
+      for (int u = 1; u < U; ++u) acc[m][0] = _mm512_add_ps(acc[m][0], acc[m][u]);
+      float total = _mm512_reduce_add_ps(acc[m][0]);
       for (int64_t k = K16; k < K; ++k) total += static_cast<float>(row[k]) * x[m * K + k];
       out[m * N + n] = total * scale[n];
     }
