@@ -42,3 +42,18 @@ def test_serve_elsewhere(tiny_llama_dir, tmp_path, monkeypatch):
     bnb = pytest.importorskip("bitsandbytes")
     ns = run_section("Serve elsewhere", tiny_llama_dir, tmp_path, monkeypatch)
     assert isinstance(ns["served"].model.layers[0].mlp.down_proj, bnb.nn.Linear4bit)
+
+
+def test_better_4bit_at_the_same_size(tiny_llama_dir, tmp_path, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    import lowbit
+
+    ns = run_section("Better 4-bit at the same size", tiny_llama_dir, tmp_path, monkeypatch)
+    layer = ns["model"].model.layers[0].mlp.down_proj
+    assert isinstance(layer, lowbit.Linear4bit) and layer.scale_search
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "llama-nf4-aw")
+    assert again.config.quantization_config.scale_search == "activation"
+    ids = ns["ids"][:, :16]
+    with torch.no_grad():
+        assert torch.equal(again(input_ids=ids).logits, ns["model"](input_ids=ids).logits)
