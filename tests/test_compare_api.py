@@ -31,6 +31,38 @@ def test_report_structure(report):
         assert len(r.generations) == 1 and len(r.generations[0].tokens) <= 4
 
 
+def test_the_costliest_layers_are_measured_alone(report, tiny_llama_dir):
+    from transformers import AutoModelForCausalLM
+
+    from lowbit.compare.api import MEASURED_LAYERS
+    from lowbit.compare.data import default_text, strided_windows
+    from lowbit.compare.evaluate import summed_nll
+    from lowbit.compare.presets import preset
+
+    nf4 = report["nf4"]
+    measured = [layer for layer in nf4.layers if layer.measured_ppl_change is not None]
+    by_estimate = sorted(nf4.layers, key=lambda e: e.est_ppl_change, reverse=True)
+    assert measured and {e.name for e in measured} == {e.name for e in by_estimate[:MEASURED_LAYERS]}
+    # The measured figure is what quantizing that layer alone (module_overrides) does to the first window.
+    layer = measured[0]
+    config = preset("nf4")
+    config.module_overrides = {f"^{layer.name}$": "nf4", ".": "none"}
+    full = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    alone = lowbit.quantize_model(AutoModelForCausalLM.from_pretrained(tiny_llama_dir), config)
+    ids = torch.tensor(report_tokenizer(tiny_llama_dir)(default_text()).input_ids[:160])
+    window = strided_windows(len(ids), 64, 32)[:1]
+    expected = torch.expm1(torch.tensor((summed_nll(alone, ids, window) - summed_nll(full, ids, window)) / 63.0))
+    assert layer.measured_ppl_change == pytest.approx(float(expected), rel=1e-6, abs=1e-12)
+    rho, n = report.estimate_agreement()["nf4"]
+    assert n == len(measured) and (rho is None or -1 <= rho <= 1)
+
+
+def report_tokenizer(path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)
+
+
 def test_memory_shrinks_as_bits_drop(report):
     full, int8, nf4 = report.full, report["int8"], report["nf4"]
 

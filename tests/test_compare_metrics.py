@@ -123,3 +123,15 @@ def test_strided_windows_reject_bad_arguments():
     for stride in (0, 8, 9):
         with pytest.raises(ValueError, match="stride"):
             strided_windows(10, 8, stride)
+
+
+def test_rank_correlation():
+    from lowbit.compare.metrics import rank_correlation
+
+    assert rank_correlation([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert rank_correlation([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    assert rank_correlation([1, 2, 3, 4, 5], [2, 1, 4, 3, 5]) == pytest.approx(0.8)  # 1 - 6·4 / (5·24)
+    assert rank_correlation([1, 2, 2, 3], [1, 2, 3, 4]) == pytest.approx(0.9486833)  # ties take their mean rank
+    assert rank_correlation([1, 2], [1, 2]) is None and rank_correlation([1, 1, 1], [1, 2, 3]) is None
+    with pytest.raises(ValueError, match="one length"):
+        rank_correlation([1, 2, 3], [1, 2])

@@ -156,6 +156,27 @@ def test_proposal_promotes_the_costliest_layers_first(report):
     assert 0 < proposal.predicted_change <= 0.03 * 0.75
 
 
+def test_proposal_trusts_a_measured_cost_over_the_estimate(report):
+    # The estimate calls down_proj 0 the costliest; measured alone, it is free and down_proj 2 is what costs.
+    nf4 = report["nf4"]
+    nf4.layers[1].measured_ppl_change = -0.004
+    nf4.layers[5].measured_ppl_change = 0.04
+    proposal = propose(report.results[1:], budget=0.03)
+    assert proposal.overrides == {r"^model\.layers\.(2)\.mlp\.down_proj$": "int8"}
+
+
+def test_the_sensitivity_table_shows_measurements_and_their_agreement(report):
+    for layer, measured in zip(report["nf4"].layers, [0.002, 0.02, None, 0.013, None, 0.012]):
+        layer.measured_ppl_change = measured
+    header, cells = report.sensitivity_table(top=3)
+    assert [row[0] for row in cells] == [LAYERS[1], LAYERS[3], LAYERS[5]]  # by measured cost where measured
+    assert cells[0][header.index("nf4")] == "20.0% / +3.00% / +2.00%"
+    assert cells[0][header.index("int8")] == "1.0% / +0.03%"  # nothing measured there
+    rho, n = report.estimate_agreement()["nf4"]
+    assert n == 4 and rho == pytest.approx(0.8)  # ranks (1, 4, 2, 3) by estimate against (1, 4, 3, 2) measured
+    assert "nf4 +0.80 (n=4)" in report.to_markdown()
+
+
 def test_proposal_keeps_the_base_when_it_fits(report):
     proposal = propose(report.results[1:], budget=0.10)
     assert proposal.promoted == 0 and proposal.overrides == {}

@@ -19,8 +19,9 @@ from ._optional import require
 from .data import CALIBRATION_SOURCE, DEFAULT_PROMPTS, Window, calibration_text, default_text, strided_windows
 from .evaluate import (
     Evaluation, Generation, Speed, WindowOutput,
-    evaluate_against, evaluate_reference, generate, layer_errors, measure_speed,
+    evaluate_against, evaluate_reference, generate, layer_errors, measure_speed, nll_with_layer_swapped,
 )  # fmt: skip
+from .metrics import token_nll
 from .mixed import propose
 from .models import Footprint, LoadedModel, footprint, load_full_precision, quantized_copy
 from .presets import PRESETS, describe, resolve
@@ -33,6 +34,9 @@ DEFAULT_CONTEXT = 512
 DEFAULT_STRIDE = 256
 DEFAULT_NEW_TOKENS = 24
 SENSITIVITY_WINDOWS = 1
+# Per config, the layers of largest estimated cost whose cost is also measured (each alone quantized): one
+# evaluation of the sensitivity windows each.
+MEASURED_LAYERS = 5
 # What the activation-weighted scale search (the -aw configs) runs the full-precision model on first.
 CALIBRATION_TOKENS = 512
 SPEED_PROMPT_TOKENS = 128
@@ -107,7 +111,7 @@ def compare(
         timing=timing,
     )
     if tqdm is not None:
-        total = bench.steps_per_config * (len(named) + 1) - len(bench.sensitivity_windows)  # none for full precision
+        total = bench.steps_per_config * (len(named) + 1) - bench.per_layer_steps  # none for full precision
         bench.progress = tqdm(total=total, desc="full precision", unit="step")
 
     baseline = _measure_full_precision(bench, loaded.load_seconds)
@@ -161,9 +165,14 @@ class _Bench:
         return sum(w.scored for w in self.sensitivity_windows)
 
     @property
+    def per_layer_steps(self) -> int:
+        """Progress steps of one config's per-layer errors: its windows and its measured layers."""
+        return len(self.sensitivity_windows) + MEASURED_LAYERS if self.sensitivity_windows else 0
+
+    @property
     def steps_per_config(self) -> int:
-        """Progress steps of one config: its windows, per-layer windows, prompts, timing and quantization."""
-        return len(self.windows) + len(self.sensitivity_windows) + len(self.prompts) + int(self.timing) + 1
+        """Progress steps of one config: its windows, per-layer steps, prompts, timing and quantization."""
+        return len(self.windows) + self.per_layer_steps + len(self.prompts) + int(self.timing) + 1
 
     def generate(self, model, reference=None) -> list[Generation]:
         """The prompts' greedy generations by `model`, marked where they diverge from `reference`'s."""
@@ -182,6 +191,10 @@ class _Baseline:
     evaluation: Evaluation
     outputs: list[WindowOutput]  # per window: the logits and hidden states agreement is measured against
     footprint: Footprint
+
+    def sensitivity_nll(self, bench: _Bench) -> float:
+        """Full precision's summed NLL over the sensitivity windows (the first windows of the evaluation)."""
+        return sum(float(token_nll(o.logits, o.targets).sum()) for o in self.outputs[: len(bench.sensitivity_windows)])
 
 
 def _tokenize_into_windows(
@@ -238,7 +251,7 @@ def _measure_config(bench: _Bench, baseline: _Baseline, name: str, description: 
     layers = []
     if bench.sensitivity_windows:
         progress.set_description(f"{name}: per-layer")
-        layers = _layer_errors(bench, quantized, config)
+        layers = _layer_errors(bench, baseline, quantized, config)
     progress.set_description(f"{name}: generate")
     generations = bench.generate(quantized, reference=baseline.result.generations)
     progress.update(len(bench.prompts))
@@ -269,21 +282,31 @@ def _measure_config(bench: _Bench, baseline: _Baseline, name: str, description: 
     )
 
 
-def _layer_errors(bench: _Bench, quantized: torch.nn.Module, config) -> list[LayerError]:
-    """Each quantized layer's own output error and estimated perplexity cost, on the sensitivity windows."""
+def _layer_errors(bench: _Bench, baseline: _Baseline, quantized: torch.nn.Module, config) -> list[LayerError]:
+    """Each quantized layer's own output error and estimated perplexity cost, on the sensitivity windows; for
+    the MEASURED_LAYERS of largest estimate, the cost measured too (that layer alone quantized)."""
     errors = layer_errors(bench.model, quantized, bench.ids, bench.sensitivity_windows, bench.progress)
     full_modules, quantized_modules = dict(bench.model.named_modules()), dict(quantized.named_modules())
-    return [
+    tokens = bench.sensitivity_tokens
+    layers = [
         LayerError(
             name=name,
             scheme=config.scheme_for(name),
             rel_error=error.rel_error,
-            est_ppl_change=math.expm1(error.est_nll / bench.sensitivity_tokens),
+            est_ppl_change=math.expm1(error.est_nll / tokens),
             bytes=module_nbytes(quantized_modules[name]),
             full_bytes=module_nbytes(full_modules[name]),
         )
         for name, error in errors.items()
     ]
+    full_nll = baseline.sensitivity_nll(bench)
+    for layer in sorted(layers, key=lambda e: e.est_ppl_change, reverse=True)[:MEASURED_LAYERS]:
+        nll = nll_with_layer_swapped(bench.model, layer.name, quantized_modules[layer.name], bench.ids,
+                                     bench.sensitivity_windows)  # fmt: skip
+        layer.measured_ppl_change = math.expm1((nll - full_nll) / tokens)
+        bench.progress.update()
+    bench.progress.update(MEASURED_LAYERS - min(MEASURED_LAYERS, len(layers)))  # a model with fewer layers
+    return layers
 
 
 def _propose_and_measure_mix(

@@ -71,7 +71,7 @@ def evaluate_against(model, ids, windows, reference: list[WindowOutput], progres
 @dataclass
 class LayerSensitivity:
     rel_error: float  # ‖Q(x) − Wx‖ / ‖Wx‖
-    est_nll: float  # estimated increase of the summed NLL were only this layer quantized
+    est_nll: float  # first-order estimate of the change of the summed NLL were only this layer quantized
 
 
 def layer_errors(full_model, quantized_model, ids, windows, progress=None) -> dict[str, LayerSensitivity]:
@@ -83,9 +83,13 @@ def layer_errors(full_model, quantized_model, ids, windows, progress=None) -> di
 
     A relative error alone does not say what the layer costs: an early down_proj that
     writes large activations into the residual stream hurts far more than a v_proj with
-    the same relative error. So each ΔY is also weighted by the gradient g of the summed
-    next-token NLL with respect to that layer's output: ½·Σ_positions (g·ΔY)² is the
-    second-order (empirical Fisher) estimate of the NLL increase it alone would cause.
+    the same relative error. So each ΔY is weighted by the gradient g of the summed
+    next-token NLL with respect to that layer's output: Σ_positions g·ΔY is the first-order
+    (Taylor) estimate of the NLL change that layer alone would cause. It is signed: an error
+    may lower the NLL on this text, and measured alone such layers do. (Measured against quantizing
+    each layer alone, on the built-in model's 210 layers: rank correlation 0.95 for NF4 and 0.87
+    for FP4, where ½·Σ(g·ΔY)², the empirical-Fisher term used before, managed 0.18 and 0.21 and
+    overestimated one FP4 layer 40-fold; see benchmarks/sensitivity_study.py.)
     """
     twins = {name: m for name, m in quantized_model.named_modules() if is_quantized(m)}
     if not twins:
@@ -120,7 +124,7 @@ def layer_errors(full_model, quantized_model, ids, windows, progress=None) -> di
                 grads = torch.autograd.grad(loss, [o for _, o, _ in captured], allow_unused=True)
                 for (name, _, delta), grad in zip(captured, grads):
                     if grad is not None:
-                        sums[name][2] += 0.5 * float((grad.double() * delta.double()).sum(-1).pow(2).sum())
+                        sums[name][2] += float((grad.double() * delta.double()).sum())
                 captured.clear()
                 if progress is not None:
                     progress.update(1)
@@ -130,6 +134,22 @@ def layer_errors(full_model, quantized_model, ids, windows, progress=None) -> di
     return {
         name: LayerSensitivity((err / max(ref, 1e-300)) ** 0.5, est) for name, (err, ref, est) in sums.items()
     }
+
+
+def summed_nll(model, ids: torch.Tensor, windows: list[Window]) -> float:
+    """The summed next-token NLL of `model` over the scored positions of `windows`."""
+    return sum(float(token_nll(o.logits, o.targets).sum()) for o in run_windows(model, ids, windows))
+
+
+def nll_with_layer_swapped(model, name: str, layer, ids: torch.Tensor, windows: list[Window]) -> float:
+    """summed_nll with the module `name` of `model` replaced by `layer` (and put back afterwards): what
+    quantizing that layer alone does, every other layer in full precision."""
+    original = model.get_submodule(name)
+    model.set_submodule(name, layer)
+    try:
+        return summed_nll(model, ids, windows)
+    finally:
+        model.set_submodule(name, original)
 
 
 def greedy(model, ids: torch.Tensor, new_tokens: int, stop_ids=()) -> tuple[list[int], float, list[float]]:

@@ -35,6 +35,29 @@ def perplexity(nll_sum: float, count: int) -> float:
     return math.exp(nll_sum / count)
 
 
+def rank_correlation(a: list[float], b: list[float]) -> float | None:
+    """Spearman's rank correlation of two equally long lists (ties get their mean rank), or None for fewer
+    than 3 pairs or a constant list."""
+    if len(a) != len(b):
+        raise ValueError(f"rank_correlation needs lists of one length, got {len(a)} and {len(b)}")
+    if len(a) < 3:
+        return None
+
+    def ranks(values):
+        t = torch.tensor(values, dtype=torch.float64)
+        order = t.argsort()
+        r = torch.empty_like(t)
+        r[order] = torch.arange(len(values), dtype=torch.float64)
+        for v in t.unique():  # mean rank for ties
+            tied = t == v
+            r[tied] = r[tied].mean()
+        return r - r.mean()
+
+    ra, rb = ranks(a), ranks(b)
+    norm = float(ra.norm() * rb.norm())
+    return float((ra * rb).sum()) / norm if norm > 0 else None
+
+
 def top1_agreement(logits_ref: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
     """Per position: 1.0 where both argmaxes agree, else 0.0."""
     return (logits_ref.argmax(-1) == logits.argmax(-1)).double()

@@ -1,8 +1,9 @@
 """Proposing a per-module precision mix that meets a perplexity budget.
 
 The estimate: a uniform config's measured change of log-perplexity is shared among its
-layers in proportion to each layer's own estimated cost (`LayerError.est_ppl_change`,
-gradient-weighted output error). A mix's change is then the sum of the shares of the
+layers in proportion to each layer's own cost were it alone quantized (`LayerError.ppl_change`:
+measured for the config's costliest few, the first-order gradient · output-error estimate for
+the rest; a layer whose cost is negative gets no share). A mix's change is then the sum of the shares of the
 scheme each layer ends up in. Layers are promoted from the 4-bit base to the higher precision in
 order of estimated gain per extra byte until the estimate fits the budget with a margin.
 It is a first-order estimate, which is why `compare` measures the proposed mix and
@@ -27,7 +28,7 @@ def _is_uniform(r: ConfigResult) -> bool:
 
 def _shares(r: ConfigResult) -> dict[str, float]:
     """Each layer's part of `r`'s measured log-perplexity change (a worse-than-full change only)."""
-    weights = {layer.name: math.log1p(max(layer.est_ppl_change, 0.0)) for layer in r.layers}
+    weights = {layer.name: math.log1p(max(layer.ppl_change, 0.0)) for layer in r.layers}
     total = sum(weights.values()) or 1.0
     change = math.log1p(max(r.ppl_change, 0.0))
     return {name: change * w / total for name, w in weights.items()}

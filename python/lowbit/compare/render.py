@@ -28,8 +28,10 @@ _COLUMN_NOTES = (
 )
 
 _SENSITIVITY_NOTE = (
-    "Each cell: err / Δppl. err = each layer's relative output error, fed full-precision activations ({} tokens); "
-    "Δppl = its gradient-weighted (Fisher) estimate of the perplexity change were only that layer quantized."
+    "Each cell: err / Δppl est [/ measured]. err = each layer's relative output error, fed full-precision "
+    "activations ({} tokens); Δppl est = the first-order estimate (Σ gradient · output error) of the perplexity "
+    "change were only that layer quantized; measured = that change measured, only that layer quantized and "
+    "every other in full precision, on the same tokens (for each config's {} layers of largest estimate)."
 )
 
 
@@ -62,22 +64,34 @@ def display_table(report: Report) -> tuple[list[str], list[list[str]]]:
     return header, cells
 
 
+def _sensitivity_note(report: Report) -> str:
+    measured = max((sum(e.measured_ppl_change is not None for e in r.layers) for r in report.sensitivity_results()),
+                   default=0)  # fmt: skip
+    note = _SENSITIVITY_NOTE.format(report.sensitivity_tokens, measured)
+    agreement = report.estimate_agreement()
+    if agreement:
+        note += " Rank correlation (Spearman) of estimate and measurement over those layers: " + ", ".join(
+            f"{name} {_fmt(rho, '{:+.2f}')} (n={n})" for name, (rho, n) in agreement.items()) + "."
+    return note
+
+
 def sensitivity_table(report: Report, top: int = 10) -> tuple[list[str], list[list[str]]]:
-    """The `top` layers with the largest estimated cost under any config; each cell is
-    'relative output error / estimated perplexity change were only this layer quantized'."""
+    """The `top` layers with the largest cost under any config (measured where measured, else estimated);
+    each cell is 'relative output error / estimated perplexity change [/ measured change]'."""
     quantized = report.sensitivity_results()
     by_layer: dict[str, dict[str, LayerError]] = {}
     for r in quantized:
         for layer in r.layers:
             by_layer.setdefault(layer.name, {})[r.name] = layer
-    worst = sorted(by_layer, key=lambda n: max(e.est_ppl_change for e in by_layer[n].values()), reverse=True)
+    worst = sorted(by_layer, key=lambda n: max(e.ppl_change for e in by_layer[n].values()), reverse=True)
     header = ["layer"] + [r.name for r in quantized]
     cells = []
     for name in worst[:top]:
         row = [name]
         for r in quantized:
             e = by_layer[name].get(r.name)
-            row.append("—" if e is None else f"{e.rel_error:.1%} / {e.est_ppl_change:+.2%}")
+            measured = "" if e is None or e.measured_ppl_change is None else f" / {e.measured_ppl_change:+.2%}"
+            row.append("—" if e is None else f"{e.rel_error:.1%} / {e.est_ppl_change:+.2%}{measured}")
         cells.append(row)
     return header, cells
 
@@ -110,7 +124,7 @@ def to_markdown(report: Report, path=None, top_layers: int = 10) -> str:
     out += _md_table(*display_table(report)) + [""]
     out += [_COLUMN_NOTES, ""]
     if any(r.layers for r in report.results):
-        out += [f"## Most sensitive layers (top {top_layers})", "", _SENSITIVITY_NOTE.format(report.sensitivity_tokens), ""]
+        out += [f"## Most sensitive layers (top {top_layers})", "", _sensitivity_note(report), ""]
         out += _md_table(*sensitivity_table(report, top_layers)) + [""]
     if report.proposal:
         out += ["## Mixed precision", ""] + [line.strip() + "  " for line in proposal_lines(report)] + [""]
@@ -137,7 +151,7 @@ def to_html(report: Report) -> str:
         parts.append(f"<p><i>Note: {html.escape(report.model_note)}.</i></p>")
     parts.append(table(*display_table(report)))
     if any(r.layers for r in report.results):
-        note = html.escape(_SENSITIVITY_NOTE.format(report.sensitivity_tokens))
+        note = html.escape(_sensitivity_note(report))
         parts += [f"<p><b>Most sensitive layers</b><br>{note}</p>", table(*sensitivity_table(report))]
     if report.proposal:
         parts.append("<p><b>Mixed precision</b><br>" + "<br>".join(map(html.escape, proposal_lines(report))) + "</p>")
@@ -173,8 +187,8 @@ def to_rich(report: Report):
     parts.append(Text(_COLUMN_NOTES, style="dim"))
     if any(r.layers for r in report.results):
         header, cells = sensitivity_table(report)
-        parts.append(table("Most sensitive layers (err / Δppl)", header, cells, range(len(header))))
-        parts.append(Text(_SENSITIVITY_NOTE.format(report.sensitivity_tokens), style="dim"))
+        parts.append(table("Most sensitive layers (err / Δppl est / measured)", header, cells, range(len(header))))
+        parts.append(Text(_sensitivity_note(report), style="dim"))
     if report.proposal:
         parts.append(Text("Mixed precision\n" + "\n".join(proposal_lines(report))))
     for prompt, gens in report.generation_blocks():

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 from . import plots, render
 from .evaluate import Generation, Speed
-from .metrics import Agreement
+from .metrics import Agreement, rank_correlation
 
 
 @dataclass
@@ -18,9 +18,16 @@ class LayerError:
     name: str
     scheme: str  # int8 / nf4 / fp4
     rel_error: float  # ‖Q(x) − Wx‖ / ‖Wx‖ on full-precision activations
-    est_ppl_change: float  # estimated perplexity change were only this layer quantized
+    est_ppl_change: float  # first-order estimate of the perplexity change were only this layer quantized
     bytes: int  # the quantized layer
     full_bytes: int  # the same layer in full precision
+    # Measured: only this layer quantized, every other in full precision (for a config's costliest few by estimate).
+    measured_ppl_change: float | None = None
+
+    @property
+    def ppl_change(self) -> float:
+        """What holds up best: the measured change where there is one, else the estimate."""
+        return self.est_ppl_change if self.measured_ppl_change is None else self.measured_ppl_change
 
 
 @dataclass
@@ -139,6 +146,19 @@ class Report:
         """Configs with per-layer errors, less the proposed mix (its layers are a subset of its base's)."""
         mix = self.proposal.result if self.proposal else None
         return [r for r in self.results if r.layers and r.name != mix]
+
+    def estimate_agreement(self) -> dict[str, tuple[float | None, int]]:
+        """Per config with measured layers: (Spearman rank correlation of the estimated and the measured
+        perplexity change of its measured layers, how many layers that is)."""
+        agreement = {}
+        for r in self.sensitivity_results():
+            measured = [layer for layer in r.layers if layer.measured_ppl_change is not None]
+            if measured:
+                agreement[r.name] = (
+                    rank_correlation([e.est_ppl_change for e in measured], [e.measured_ppl_change for e in measured]),
+                    len(measured),
+                )
+        return agreement
 
     def generation_blocks(self) -> list[tuple[str, list[tuple[str, Generation]]]]:
         """Per prompt: (prompt, [(config name, generation)]) with full precision first."""
