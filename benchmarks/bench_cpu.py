@@ -99,13 +99,15 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=40)
     parser.add_argument("--batches", default="1,4,8,16,64")
     parser.add_argument("--no-bnb", action="store_true", help="skip bitsandbytes even if installed")
+    parser.add_argument("--shapes", default="4096x4096,14336x4096",
+                        help="weights as OUTxIN, comma-separated; 'smollm2' adds the built-in model's four shapes")  # fmt: skip
     args = parser.parse_args()
     try:
         import bitsandbytes as bnb
     except ImportError:
         bnb = None
     bnb = None if args.no_bnb else bnb
-    shapes = [(4096, 4096), (14336, 4096)]
+    shapes = _shapes(args.shapes)
     rows = []
     for n_out, k_in in shapes:
         for batch in [int(b) for b in args.batches.split(",")]:
@@ -127,6 +129,21 @@ def main() -> None:
     }
     with open(args.out, "w") as f:
         json.dump(report, f, indent=2)
+
+
+# SmolLM2-135M's linear layers (out x in): q/o, k/v, gate/up, down.
+SMOLLM2_SHAPES = [(576, 576), (192, 576), (1536, 576), (576, 1536)]
+
+
+def _shapes(spec: str) -> list[tuple[int, int]]:
+    shapes = []
+    for item in spec.split(","):
+        if item == "smollm2":
+            shapes += SMOLLM2_SHAPES
+        else:
+            n_out, k_in = item.lower().split("x")
+            shapes.append((int(n_out), int(k_in)))
+    return shapes
 
 
 def _row(r: dict) -> str:

@@ -31,7 +31,7 @@ _SENSITIVITY_NOTE = (
     "Each cell: err / Δppl est [/ measured]. err = each layer's relative output error, fed full-precision "
     "activations ({} tokens); Δppl est = the first-order estimate (Σ gradient · output error) of the perplexity "
     "change were only that layer quantized; measured = that change measured, only that layer quantized and "
-    "every other in full precision, on the same tokens (for each config's {} layers of largest estimate)."
+    "every other in full precision, on the same tokens (for each config's {} layers of largest estimated effect)."
 )
 
 
