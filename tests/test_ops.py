@@ -208,6 +208,25 @@ def test_linear_4bit_matches_reference(kernel_device, quant_type, double_quant, 
     assert_close_to_exact(out, ref, exact, f"linear_4bit M={M} K={K}")
 
 
+@pytest.mark.parametrize("op", ["linear_4bit", "int8_weight_linear"])
+def test_many_rows_over_several_weight_slabs(kernel_device, op):
+    # The GEMM path decodes slabs of 1 Mi floats (512 rows at K = 2048) and writes each slab's product into
+    # its columns of the output: 600 rows make two slabs, the second partial.
+    N, K, M = 600, 2048, 40
+    x = torch.randn(M, K, device=kernel_device)
+    W = torch.randn(N, K, device=kernel_device)
+    if op == "linear_4bit":
+        packed, absmax = ops.quantize_4bit(W, 64, "nf4")
+        out = ops.linear_4bit(x, packed, absmax, 64, "nf4", (N, K))
+        ref = reference.linear_4bit(x, packed, absmax, 64, "nf4", (N, K))
+        Wq = reference.dequantize_4bit(packed, absmax, 64, "nf4", (N, K), torch.float64)
+    else:
+        CB, SCB, _ = reference.int8_vectorwise_quant(W, 0.0)
+        out, ref = ops.int8_weight_linear(x, CB, SCB), reference.int8_weight_linear(x, CB, SCB)
+        Wq = CB.double() * (SCB.double() / 127).unsqueeze(1)
+    assert_close_to_exact(out, ref, x.double() @ Wq.t(), f"{op} over two slabs")
+
+
 def test_linear_4bit_batched_input_shape(device):
     packed, absmax, _ = _quantized(8, 64, "nf4", 64, False, device)
     x = torch.randn(2, 3, 64, device=device)

@@ -10,22 +10,28 @@
 
 namespace lowbit {
 
-// Weight slab handed to the GEMM at a time: 4 MiB of float32. Whole small layers fit in one call (at 512
-// rows, a 1536x576 4-bit layer took 6.6 ms this way against 9.8 ms in 1 MiB slabs, fp32 6.4 ms); the slab is
-// written once and then streamed by the GEMM, so L2 need not hold it.
-constexpr int64_t kSlabFloats = 1 << 20;
+// Weight slab handed to the GEMM at a time, as float32 count: 8192 per row of x, between 1 Mi (4 MiB) and
+// 4 Mi (16 MiB). Each GEMM call re-packs all of x, so the slab must be large against x (M x K), yet a slab
+// that stays in cache is cheaper to write and read. Measured 2026-11-29 on a 2-core Sapphire Rapids VM:
+// at M = 64, 1 Mi slabs beat 4 Mi (4096 x 4096: 1.04x against 0.88x of fp32); at M = 512, 4 Mi beat 1 Mi
+// (0.93x against 0.89x) and 16 Mi lost (0.73x).
+constexpr int64_t kMinSlabFloats = 1 << 20, kMaxSlabFloats = 1 << 22, kSlabFloatsPerRow = 8192;
 
 // x: float32 [M, K]; out: float32 [M, N]. decode(n0, n1, dst) writes weight rows [n0, n1) as float32 rows of
 // K values, in the same column order as x.
 template <typename Decode>
 void gemm_slabs(int64_t N, int64_t K, const at::Tensor& x, at::Tensor& out, const Decode& decode) {
-  const int64_t slab_rows = std::min(N, std::max<int64_t>(16, kSlabFloats / std::max<int64_t>(K, 1)));
+  const int64_t slab_floats = std::clamp(x.size(0) * kSlabFloatsPerRow, kMinSlabFloats, kMaxSlabFloats);
+  const int64_t slab_rows = std::min(N, std::max<int64_t>(16, slab_floats / std::max<int64_t>(K, 1)));
   at::Tensor slab = at::empty({slab_rows, K}, x.options());
   for (int64_t n0 = 0; n0 < N; n0 += slab_rows) {
     const int64_t rows = std::min(slab_rows, N - n0);
     float* dst = slab.data_ptr<float>();
     at::parallel_for(0, rows, 4, [&](int64_t r0, int64_t r1) { decode(n0 + r0, n0 + r1, dst + r0 * K); });
-    out.narrow(1, n0, rows).copy_(at::mm(x, slab.narrow(0, 0, rows).t()));
+    // Straight into the output's columns (a row-major view with leading dimension N, which the GEMM takes
+    // as is): no temporary, no copy.
+    at::Tensor columns = out.narrow(1, n0, rows);
+    at::mm_out(columns, x, slab.narrow(0, 0, rows).t());
   }
 }
 

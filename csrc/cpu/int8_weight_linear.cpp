@@ -27,6 +27,25 @@ void decode_rows(const int8_t* CB, const float* scale, int64_t K, int64_t n0, in
     for (int64_t k = 0; k < K; ++k) dst[(n - n0) * K + k] = static_cast<float>(CB[n * K + k]) * scale[n];
 }
 
+#if LOWBIT_X86
+// The same, 16 weights per instruction group (the build targets baseline x86-64, so the loop above
+// vectorizes to SSE2 only).
+LOWBIT_AVX512 void decode_rows_avx512(const int8_t* CB, const float* scale, int64_t K, int64_t n0, int64_t n1,
+                                      float* dst) {
+  const int64_t K16 = K / 16 * 16;
+  for (int64_t n = n0; n < n1; ++n) {
+    const int8_t* row = CB + n * K;
+    float* out = dst + (n - n0) * K;
+    const __m512 s = _mm512_set1_ps(scale[n]);
+    for (int64_t k = 0; k < K16; k += 16) {
+      const __m128i w = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + k));
+      _mm512_storeu_ps(out + k, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(w)), s));
+    }
+    for (int64_t k = K16; k < K; ++k) out[k] = static_cast<float>(row[k]) * scale[n];
+  }
+}
+#endif
+
 void gemv_portable(const int8_t* CB, const float* scale, const float* x, int64_t M, int64_t N, int64_t K, float* out) {
   at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
     for (int64_t n = n0; n < n1; ++n)
@@ -100,7 +119,13 @@ at::Tensor int8_weight_linear_cpu(const at::Tensor& x, const at::Tensor& CB, con
   const float* s = scale.const_data_ptr<float>();
   if (M > 0 && N > 0) {
     if (M > kMaxGemvRows) {
-      gemm_slabs(N, K, x2, out, [&](int64_t n0, int64_t n1, float* dst) { decode_rows(cb, s, K, n0, n1, dst); });
+      [[maybe_unused]] const bool avx512 = use_avx512();
+      gemm_slabs(N, K, x2, out, [&](int64_t n0, int64_t n1, float* dst) {
+#if LOWBIT_X86
+        if (avx512) return decode_rows_avx512(cb, s, K, n0, n1, dst);
+#endif
+        decode_rows(cb, s, K, n0, n1, dst);
+      });
 #if LOWBIT_X86
     } else if (use_avx512()) {
       gemv_avx512(cb, s, x2.const_data_ptr<float>(), M, N, K, out.data_ptr<float>());

@@ -96,10 +96,17 @@ LOWBIT_AVX512 void gemv_avx512_rows(const Weight4& w, const float* xp, float* ou
   }
 }
 
-// Rows [n0, n1) as floats in the same de-interleaved order, for the GEMM path (x is reordered to match).
+// Rows [n0, n1) as floats in natural order, for the GEMM path. Each byte is widened into two lanes (unpack
+// with itself), and a per-lane shift of 4 or 0 picks its high or low nibble: two more instructions per 16
+// weights than decoding nibble planes, which the GEMM path pays once per weight, instead of reordering x
+// (M x K floats) on every call, which costs more than the whole decode for small layers at large M.
+LOWBIT_AVX512 inline __m512i nibbles_in_order(__m128i byte_pairs) {
+  const __m512i high_then_low = _mm512_set_epi32(0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4);
+  return _mm512_and_si512(_mm512_srlv_epi32(_mm512_cvtepu8_epi32(byte_pairs), high_then_low), _mm512_set1_epi32(0xF));
+}
+
 LOWBIT_AVX512 void decode_rows_avx512(const Weight4& w, int64_t n0, int64_t n1, float* dst) {
   const __m512 table = _mm512_loadu_ps(w.table);
-  const __m512i low_nibble = _mm512_set1_epi32(0xF);
   const int64_t blocks_per_row = w.K / w.blocksize;
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* row = w.packed + n * w.K / 2;
@@ -107,10 +114,10 @@ LOWBIT_AVX512 void decode_rows_avx512(const Weight4& w, int64_t n0, int64_t n1, 
     for (int64_t b = 0; b < blocks_per_row; ++b) {
       const __m512 s = _mm512_set1_ps(w.scale(n * blocks_per_row + b));
       for (int64_t k = b * w.blocksize; k < (b + 1) * w.blocksize; k += 32) {
-        const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + k / 2)));
-        _mm512_storeu_ps(out + k, _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(bytes, 4), table), s));
+        const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + k / 2));
+        _mm512_storeu_ps(out + k, _mm512_mul_ps(_mm512_permutexvar_ps(nibbles_in_order(_mm_unpacklo_epi8(bytes, bytes)), table), s));
         _mm512_storeu_ps(out + k + 16,
-                         _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_and_si512(bytes, low_nibble), table), s));
+                         _mm512_mul_ps(_mm512_permutexvar_ps(nibbles_in_order(_mm_unpackhi_epi8(bytes, bytes)), table), s));
       }
     }
   }
@@ -161,9 +168,7 @@ at::Tensor linear_4bit_cpu(const at::Tensor& x, const at::Tensor& packed, const 
     } else if (avx512 && M <= kMaxFusedRows) {
       gemv_avx512(w, x2.const_data_ptr<float>(), M, out.data_ptr<float>());
     } else if (avx512) {
-      at::Tensor xp = at::empty_like(x2);
-      deinterleave_x(x2.const_data_ptr<float>(), M, K, xp.data_ptr<float>());
-      gemm_slabs(w.N, w.K, xp, out, [&](int64_t n0, int64_t n1, float* dst) { decode_rows_avx512(w, n0, n1, dst); });
+      gemm_slabs(w.N, w.K, x2, out, [&](int64_t n0, int64_t n1, float* dst) { decode_rows_avx512(w, n0, n1, dst); });
 #endif
     } else if (M > kMaxPortableGemvRows) {
       gemm_slabs(w.N, w.K, x2, out, [&](int64_t n0, int64_t n1, float* dst) {
