@@ -227,6 +227,35 @@ def test_many_rows_over_several_weight_slabs(kernel_device, op):
     assert_close_to_exact(out, ref, x.double() @ Wq.t(), f"{op} over two slabs")
 
 
+@pytest.mark.parametrize("M, N, K", [(17, 1024, 1024), (40, 300, 4099), (100, 2048, 520)])
+@pytest.mark.parametrize("scales", ["normal", "wide", "out of the tile range"])
+def test_int8_weight_linear_large_weights(kernel_device, M, N, K, scales):
+    # Weights of a million elements or more take the AMX-BF16 kernel where the CPU has one (x split into three
+    # bfloat16 parts), with tails in every dimension; values beyond its exact range (|x| < 2^-96) take the slab
+    # path instead. Either way the error stays within the reference's.
+    x = torch.randn(M, K, device=kernel_device)
+    if scales == "wide":
+        x *= torch.logspace(-20, 20, K, device=kernel_device)
+    elif scales == "out of the tile range":
+        x[3, 5] = 1e-35
+    W = torch.randn(N, K, device=kernel_device)
+    CB, SCB, _ = reference.int8_vectorwise_quant(W, 0.0)
+    out, ref = ops.int8_weight_linear(x, CB, SCB), reference.int8_weight_linear(x, CB, SCB)
+    exact = x.double() @ (CB.double() * (SCB.double() / 127).unsqueeze(1)).t()
+    assert_close_to_exact(out, ref, exact, f"int8_weight_linear M={M} N={N} K={K} {scales}")
+
+
+@pytest.mark.parametrize("isa", ["native", "avx512"])
+def test_int8_weight_linear_paths_agree(monkeypatch, isa):
+    # LOWBIT_CPU_ISA=avx512 keeps the AVX-512 kernels but not AMX: both paths against the exact product.
+    monkeypatch.setenv("LOWBIT_CPU_ISA", isa)
+    x, W = torch.randn(64, 2048), torch.randn(1024, 2048)
+    CB, SCB, _ = reference.int8_vectorwise_quant(W, 0.0)
+    exact = x.double() @ (CB.double() * (SCB.double() / 127).unsqueeze(1)).t()
+    out, ref = ops.int8_weight_linear(x, CB, SCB), reference.int8_weight_linear(x, CB, SCB)
+    assert_close_to_exact(out, ref, exact, f"int8_weight_linear ({isa})")
+
+
 def test_linear_4bit_batched_input_shape(device):
     packed, absmax, _ = _quantized(8, 64, "nf4", 64, False, device)
     x = torch.randn(2, 3, 64, device=device)
