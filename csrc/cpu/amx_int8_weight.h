@@ -50,10 +50,19 @@ inline bool use_amx_bf16() {
 }
 
 // Every element of x finite and 0 or of magnitude in [2^-96, 2^96] (see the top of this file).
-inline bool amx_exact_range(const float* x, int64_t n) {
+LOWBIT_AMX inline bool amx_exact_range(const float* x, int64_t n) {
   const float lo = std::ldexp(1.0f, -96), hi = std::ldexp(1.0f, 96);
-  bool ok = true;
-  for (int64_t i = 0; i < n; ++i) {
+  const __m512 vlo = _mm512_set1_ps(lo), vhi = _mm512_set1_ps(hi);
+  const int64_t n16 = n / 16 * 16;
+  __mmask16 bad = 0;
+  for (int64_t i = 0; i < n16; i += 16) {
+    const __m512 a = _mm512_abs_ps(_mm512_loadu_ps(x + i));
+    const __mmask16 zero = _mm512_cmp_ps_mask(a, _mm512_setzero_ps(), _CMP_EQ_OQ);
+    const __mmask16 inside = _mm512_cmp_ps_mask(a, vlo, _CMP_GE_OQ) & _mm512_cmp_ps_mask(a, vhi, _CMP_LE_OQ);
+    bad |= static_cast<__mmask16>(~(zero | inside));  // NaN compares false: bad
+  }
+  bool ok = bad == 0;
+  for (int64_t i = n16; i < n; ++i) {
     const float a = std::abs(x[i]);
     ok &= (a == 0.f) | ((a >= lo) & (a <= hi));
   }
@@ -74,36 +83,43 @@ inline uint16_t bf16_nearest(float f) {  // round to nearest even (finite f)
   return static_cast<uint16_t>((u + 0x7FFF + ((u >> 16) & 1)) >> 16);
 }
 
-inline float bf16_float(uint16_t h) {
-  const uint32_t u = static_cast<uint32_t>(h) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-
 // x [M, K] as the B operand, one contiguous run per block of 16 rows of x so a block streams in order:
 // packed[((mb * kParts + part) * Kp/2 + kk) * 16 + m % 16] holds the pair (x[m][2kk], x[m][2kk + 1]) of that
 // part (mb = m / 16), zero beyond M and K.
+
+// bfloat16 bits of finite floats, rounded to nearest even.
+LOWBIT_AMX inline __m512i bf16_bits(__m512 v) {
+  const __m512i u = _mm512_castps_si512(v);
+  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  return _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF))), 16);
+}
+
+// Rows [16 mb, 16 mb + 16) of x: per pair of k, one gather of the even and one of the odd elements of the 16 rows,
+// split into parts 16 lanes at a time, each part's 16 pairs written as one contiguous 64-byte row.
+LOWBIT_AMX inline void pack_x_block(const float* x, int64_t M, int64_t K, int64_t Kp, int64_t mb, uint32_t* block) {
+  const int64_t m0 = mb * kTile;
+  const __mmask16 rows = static_cast<__mmask16>((1u << std::min<int64_t>(kTile, M - m0)) - 1);
+  const __m512i row_offsets = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                                 _mm512_set1_epi32(static_cast<int32_t>(K)));
+  const float* base = x + m0 * K;
+  for (int64_t kk = 0; kk < Kp / 2; ++kk) {
+    const __m512i at = _mm512_add_epi32(row_offsets, _mm512_set1_epi32(static_cast<int32_t>(2 * kk)));
+    __m512 even = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), 2 * kk < K ? rows : 0, at, base, 4);
+    __m512 odd = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), 2 * kk + 1 < K ? rows : 0,
+                                          _mm512_add_epi32(at, _mm512_set1_epi32(1)), base, 4);
+    for (int64_t p = 0; p < kParts; ++p) {
+      const __m512i e = bf16_bits(even), o = bf16_bits(odd);
+      even = _mm512_sub_ps(even, _mm512_castsi512_ps(_mm512_slli_epi32(e, 16)));
+      odd = _mm512_sub_ps(odd, _mm512_castsi512_ps(_mm512_slli_epi32(o, 16)));
+      _mm512_storeu_si512(block + (p * (Kp / 2) + kk) * kTile, _mm512_or_si512(e, _mm512_slli_epi32(o, 16)));
+    }
+  }
+}
+
 inline std::vector<uint32_t> pack_x(const float* x, int64_t M, int64_t K, int64_t Mp, int64_t Kp) {
   std::vector<uint32_t> packed(kParts * (Kp / 2) * Mp);
-  // Written in order, 16 pairs at a time: scattered two-byte writes cost more than the multiply itself.
   at::parallel_for(0, Mp / kTile, 1, [&](int64_t b0, int64_t b1) {
-    for (int64_t mb = b0; mb < b1; ++mb) {
-      uint32_t* block = packed.data() + mb * kParts * (Kp / 2) * kTile;
-      for (int64_t kk = 0; kk < Kp / 2; ++kk) {
-        for (int64_t i = 0; i < kTile; ++i) {
-          const int64_t m = mb * kTile + i;
-          float rest[2];
-          for (int j = 0; j < 2; ++j) rest[j] = m < M && 2 * kk + j < K ? x[m * K + 2 * kk + j] : 0.f;
-          for (int64_t p = 0; p < kParts; ++p) {
-            const uint16_t even = bf16_nearest(rest[0]), odd = bf16_nearest(rest[1]);
-            rest[0] -= bf16_float(even);
-            rest[1] -= bf16_float(odd);
-            block[(p * (Kp / 2) + kk) * kTile + i] = even | static_cast<uint32_t>(odd) << 16;
-          }
-        }
-      }
-    }
+    for (int64_t mb = b0; mb < b1; ++mb) pack_x_block(x, M, K, Kp, mb, packed.data() + mb * kParts * (Kp / 2) * kTile);
   });
   return packed;
 }
@@ -134,24 +150,31 @@ struct alignas(64) TileConfig {
   uint8_t rows[16] = {};
 };
 
-// Weight rows held (as bfloat16, in L2) while every block of x passes over them: 128 rows of K = 4096 are 1 MiB,
-// so the x data streamed from L3 per weight row is an eighth of what 16-row blocks would stream.
-constexpr int64_t kHeldRows = 128;
+// Weight rows held (as bfloat16, in L2) while every block of x passes over them: at most 128 (1 MiB at K = 4096,
+// so the x data streamed from L3 per weight row is an eighth of what 16-row blocks would stream), and as many
+// per task as gives every thread the same number of tasks (192 rows on 2 threads: 96 + 96, not 128 + 64).
+constexpr int64_t kMaxHeldRows = 128;
 
-// Weight rows [n0, n0 + kHeldRows) (fewer at the end) against every row of x. Tiles: 0-1 accumulate the first
+inline int64_t held_rows(int64_t N) {
+  const int64_t threads = at::get_num_threads();
+  const int64_t tasks = threads * ((N + threads * kMaxHeldRows - 1) / (threads * kMaxHeldRows));
+  return round_up((N + tasks - 1) / tasks, 2 * kTile);
+}
+
+// Weight rows [n0, n1) (at most kMaxHeldRows) against every row of x. Tiles: 0-1 accumulate the first
 // bfloat16 part of x for weight rows 0-15 / 16-31 of a 32-row group, 2-3 the two smaller parts (kept apart so
 // their rounding does not add to the large part's: the error stays that of a float32 dot product), 4-5 hold
 // the weight rows, 6-7 alternate the parts of x. The tile configuration belongs to the thread, so each task
 // sets and releases it.
 LOWBIT_AMX inline void gemm_held_rows(const uint32_t* xb, int64_t M, int64_t Mp, const int8_t* CB, const float* scale,
-                                      int64_t N, int64_t K, int64_t Kp, float* out, int64_t n0) {
+                                      int64_t N, int64_t K, int64_t Kp, float* out, int64_t n0, int64_t n1) {
   TileConfig config;
   for (int t = 0; t < 8; ++t) {
     config.bytes_per_row[t] = 64;
     config.rows[t] = kTile;
   }
   _tile_loadconfig(&config);
-  const int64_t held = std::min(kHeldRows, N - n0), held_padded = round_up(held, 2 * kTile);
+  const int64_t held = n1 - n0, held_padded = round_up(held, 2 * kTile);
   thread_local std::vector<uint16_t> w;
   w.assign(held_padded * Kp, 0);
   weight_rows_bf16(CB, K, Kp, n0, held, w.data());
@@ -198,8 +221,10 @@ inline void int8_weight_gemm(const float* x, int64_t M, const int8_t* CB, const 
                              float* out) {
   const int64_t Kp = round_up(K, kStepK), Mp = round_up(M, kTile);
   const std::vector<uint32_t> xb = pack_x(x, M, K, Mp, Kp);
-  at::parallel_for(0, (N + kHeldRows - 1) / kHeldRows, 1, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) gemm_held_rows(xb.data(), M, Mp, CB, scale, N, K, Kp, out, b * kHeldRows);
+  const int64_t rows = held_rows(N);
+  at::parallel_for(0, (N + rows - 1) / rows, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b)
+      gemm_held_rows(xb.data(), M, Mp, CB, scale, N, K, Kp, out, b * rows, std::min(N, (b + 1) * rows));
   });
 }
 

@@ -23,12 +23,12 @@ namespace {
 // Up to this many rows of x the GEMV kernels run; beyond, the slab GEMM (provisional, as the 4-bit
 // kernel's cut-over: its fused path won up to 32 rows on a 4096 x 4096 weight).
 constexpr int64_t kMaxGemvRows = 16;
-// Beyond the GEMV, weights of at least this many elements take the AMX-BF16 kernel where the CPU has one
-// (measured 2026-11-29, 2-core Sapphire Rapids VM, against fp32 F.linear: 1024 x 1024 at 64 rows 0.99x (the
-// slab path 0.70x), 2048 x 2048 at 128 rows 1.30x, 4096 x 4096 at 17 / 64 / 512 rows 1.45x / 1.34x / 1.37x,
-// 14336 x 4096 at 64 / 512 rows 2.05x / 1.20x); smaller ones lose to its fixed costs (192 x 576 at 64 rows 0.36x)
-// and take the slab path.
-constexpr int64_t kMinAmxWeights = int64_t{1} << 20;
+// Beyond the GEMV, weights of at least this many elements take the AMX-BF16 kernel where the CPU has one.
+// Measured 2026-11-29 on a 2-core Sapphire Rapids VM against fp32 F.linear (AMX / slab path): 576 x 576 at 64
+// rows 1.11x / 0.53x, at 512 rows 1.10x / 0.93x; 1536 x 576 at 512 rows 1.21x / 0.97x; 4096 x 4096 at 512 rows
+// 1.75x / 0.90x; 14336 x 4096 at 64 rows 1.69x / 1.00x. Below it the kernel's fixed costs (packing x, one
+// task per thread) lose: 192 x 576 at 512 rows 0.64x / 0.84x, 128 x 128 at 32 rows 0.28x / 0.37x.
+constexpr int64_t kMinAmxWeights = int64_t{1} << 18;
 
 // Rows [n0, n1) of the weight as float32, scales applied.
 void decode_rows(const int8_t* CB, const float* scale, int64_t K, int64_t n0, int64_t n1, float* dst) {
@@ -129,7 +129,9 @@ at::Tensor int8_weight_linear_cpu(const at::Tensor& x, const at::Tensor& CB, con
   if (M > 0 && N > 0) {
     const float* xp = x2.const_data_ptr<float>();
 #if LOWBIT_X86
-    if (M > kMaxGemvRows && N * K >= kMinAmxWeights && use_amx_bf16() && amx_exact_range(xp, M * K)) {
+    // (K < 2^26: the kernel gathers x with 32-bit offsets of up to 16 K.)
+    if (M > kMaxGemvRows && N * K >= kMinAmxWeights && K < (int64_t{1} << 26) && use_amx_bf16() &&
+        amx_exact_range(xp, M * K)) {
       amx::int8_weight_gemm(xp, M, cb, s, N, K, out.data_ptr<float>());
     } else
 #endif
