@@ -230,7 +230,7 @@ def test_many_rows_over_several_weight_slabs(kernel_device, op):
 @pytest.mark.parametrize("M, N, K", [(17, 1024, 1024), (40, 300, 4099), (100, 2048, 520)])
 @pytest.mark.parametrize("scales", ["normal", "wide", "out of the tile range"])
 def test_int8_weight_linear_large_weights(kernel_device, M, N, K, scales):
-    # Weights of a million elements or more take the AMX-BF16 kernel where the CPU has one (x split into three
+    # Weights of a quarter million elements or more take the AMX-BF16 kernel where the CPU has one (x split into three
     # bfloat16 parts), with tails in every dimension; values beyond its exact range (|x| < 2^-96) take the slab
     # path instead. Either way the error stays within the reference's.
     x = torch.randn(M, K, device=kernel_device)

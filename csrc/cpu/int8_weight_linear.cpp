@@ -3,7 +3,7 @@
 //
 // Few rows (decode): the weight is read once and each byte serves M multiply-adds, so the kernel streams
 // it: 16 int8 weights widened to float32 in registers (vpmovsxbd + vcvtdq2ps), one FMA per row of x, the
-// row scale SCB / 127 applied once per output. Many rows: on a CPU with AMX-BF16 and a weight of a million
+// row scale SCB / 127 applied once per output. Many rows: on a CPU with AMX-BF16 and a weight of a quarter million
 // elements or more, bfloat16 tiles with exact products (amx_int8_weight.h: faster than fp32's own GEMM);
 // otherwise decode slabs of weight rows to float32 and call the BLAS GEMM (gemm_slabs), amortizing the
 // decode over the rows.
