@@ -11,12 +11,13 @@
 
 namespace lowbit {
 
-// Weight slab handed to the GEMM at a time, as float32 count: 8192 per row of x, between 1 Mi (4 MiB) and
-// 4 Mi (16 MiB). Each GEMM call re-packs all of x, so the slab must be large against x (M x K), yet a slab
+// Weight slab handed to the GEMM at a time, as a float32 count: 4 x the size of x (M x K), between 256 Ki
+// (1 MiB) and 4 Mi (16 MiB). Each GEMM call re-packs all of x, so the slab must be large against x, yet a slab
 // that stays in cache is cheaper to write and read. Measured 2026-11-29 on a 2-core Sapphire Rapids VM:
-// at M = 64, 1 Mi slabs beat 4 Mi (4096 x 4096: 1.04x against 0.88x of fp32); at M = 512, 4 Mi beat 1 Mi
-// (0.93x against 0.89x) and 16 Mi lost (0.73x).
-constexpr int64_t kMinSlabFloats = 1 << 20, kMaxSlabFloats = 1 << 22, kSlabFloatsPerRow = 8192;
+// 4096 x 4096 at M = 64, 1 Mi slabs beat 4 Mi (1.04x against 0.88x of fp32); at M = 512, 4 Mi beat 1 Mi
+// (0.93x against 0.89x) and 16 Mi lost (0.73x); the built-in model's small layers at M = 64, whose x is small,
+// went from 0.84-0.92x to 0.88-0.98x with slabs that fit L2 (256 Ki floats, not 1 Mi).
+constexpr int64_t kMinSlabFloats = 1 << 18, kMaxSlabFloats = 1 << 22, kSlabPerX = 4;
 
 // The slab's memory, kept per calling thread and reused: a fresh allocation each call comes straight from
 // mmap at these sizes, and its page faults cost a fifth of a small layer's call (192 x 576 at 64 rows).
@@ -30,7 +31,7 @@ inline float* slab_memory(int64_t floats) {
 // K values, in the same column order as x.
 template <typename Decode>
 void gemm_slabs(int64_t N, int64_t K, const at::Tensor& x, at::Tensor& out, const Decode& decode) {
-  const int64_t slab_floats = std::clamp(x.size(0) * kSlabFloatsPerRow, kMinSlabFloats, kMaxSlabFloats);
+  const int64_t slab_floats = std::clamp(kSlabPerX * x.size(0) * K, kMinSlabFloats, kMaxSlabFloats);
   const int64_t slab_rows = std::min(N, std::max<int64_t>(16, slab_floats / std::max<int64_t>(K, 1)));
   float* dst = slab_memory(slab_rows * K);
   const at::Tensor slab = at::from_blob(dst, {slab_rows, K}, x.options());
