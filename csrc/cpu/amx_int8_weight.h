@@ -176,8 +176,9 @@ LOWBIT_AMX inline void gemm_held_rows(const uint32_t* xb, int64_t M, int64_t Mp,
   _tile_loadconfig(&config);
   const int64_t held = n1 - n0, held_padded = round_up(held, 2 * kTile);
   thread_local std::vector<uint16_t> w;
-  w.assign(held_padded * Kp, 0);
-  weight_rows_bf16(CB, K, Kp, n0, held, w.data());
+  w.resize(std::max<size_t>(w.size(), held_padded * Kp));
+  weight_rows_bf16(CB, K, Kp, n0, held, w.data());  // rows [0, held), each zero-padded to Kp
+  std::fill(w.begin() + held * Kp, w.begin() + held_padded * Kp, uint16_t{0});
   alignas(64) float large[2 * kTile][kTile], small[2 * kTile][kTile];
   for (int64_t m0 = 0; m0 < Mp; m0 += kTile) {
     const uint32_t* xm = xb + (m0 / kTile) * kParts * (Kp / 2) * kTile;

@@ -8,6 +8,7 @@
 #include <limits>
 
 #include "cpu/isa.h"
+#include "rows.h"
 #include "validate.h"
 
 namespace lowbit {
@@ -131,11 +132,6 @@ at::Tensor int8_matmul(const at::Tensor& a, const at::Tensor& b) {
   return out;
 }
 
-at::Tensor flatten_rows(const at::Tensor& x) {
-  const int64_t K = x.size(-1);
-  return x.reshape({c10::multiply_integers(x.sizes().begin(), x.sizes().end() - 1), K});
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor> int8_vectorwise_quant_cpu(const at::Tensor& A, double threshold) {
   validate_int8_vectorwise_quant(A, threshold);
   RowQuantized r = quantize_rows(flatten_rows(A).to(at::kFloat).contiguous(), threshold);
@@ -176,9 +172,7 @@ at::Tensor int8_linear_cpu(const at::Tensor& x, const at::Tensor& CB, const at::
     out.addmm_(x2.index_select(1, r.outlier_cols), w_cols.t());
   }
   if (bias.has_value()) out.add_(bias->to(at::kFloat));
-  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
-  out_shape.back() = N;
-  return out.to(x.scalar_type()).view(out_shape);
+  return out.to(x.scalar_type()).view(linear_output_shape(x, N));
 }
 
 }  // namespace

@@ -15,6 +15,7 @@
 #include "cpu/dot.h"
 #include "cpu/gemm_slabs.h"
 #include "cpu/isa.h"
+#include "rows.h"
 #include "validate.h"
 
 namespace lowbit {
@@ -126,8 +127,8 @@ at::Tensor int8_weight_linear_cpu(const at::Tensor& x, const at::Tensor& CB, con
                                   const std::optional<at::Tensor>& bias) {
   validate_int8_weight_linear(x, CB, SCB, bias);
   const int64_t N = CB.size(0), K = CB.size(1);
-  const int64_t M = c10::multiply_integers(x.sizes().begin(), x.sizes().end() - 1);
-  const at::Tensor x2 = x.reshape({M, K}).to(at::kFloat).contiguous();
+  const int64_t M = row_count(x);
+  const at::Tensor x2 = flatten_rows(x).to(at::kFloat).contiguous();
   const at::Tensor w = CB.contiguous();
   const at::Tensor scale = SCB / 127.0f;  // the row scale of Linear8bit.dequantize(), in float32
   at::Tensor out = at::empty({M, N}, x2.options());
@@ -159,9 +160,7 @@ at::Tensor int8_weight_linear_cpu(const at::Tensor& x, const at::Tensor& CB, con
     }
   }
   if (bias.has_value()) out.add_(bias->to(at::kFloat));
-  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
-  out_shape.back() = N;
-  return out.to(x.scalar_type()).view(out_shape);
+  return out.to(x.scalar_type()).view(linear_output_shape(x, N));
 }
 
 }  // namespace

@@ -15,6 +15,7 @@
 #include "cpu/gemm_slabs.h"
 #include "cpu/isa.h"
 #include "formats.h"
+#include "rows.h"
 #include "validate.h"
 #include "weight4.h"
 
@@ -161,10 +162,8 @@ at::Tensor linear_4bit_cpu(const at::Tensor& x, const at::Tensor& packed, const 
                                                   nested_absmax, nested_code, nested_offset, nested_blocksize);
   const int64_t N = weight.view.N, K = weight.view.K;
   const Weight4& w = weight.view;
-  const int64_t M = c10::multiply_integers(x.sizes().begin(), x.sizes().end() - 1);
-  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
-  out_shape.back() = N;
-  const at::Tensor x2 = x.reshape({M, K}).to(at::kFloat).contiguous();
+  const int64_t M = row_count(x);
+  const at::Tensor x2 = flatten_rows(x).to(at::kFloat).contiguous();
   at::Tensor out = at::empty({M, N}, x2.options());
   if (M > 0 && N > 0) {
     [[maybe_unused]] const bool avx512 = K % blocksize == 0 && use_avx512();
@@ -185,7 +184,7 @@ at::Tensor linear_4bit_cpu(const at::Tensor& x, const at::Tensor& packed, const 
     }
   }
   if (bias.has_value()) out.add_(bias->to(at::kFloat));
-  return out.to(x.scalar_type()).reshape(out_shape);
+  return out.to(x.scalar_type()).reshape(linear_output_shape(x, N));
 }
 
 }  // namespace

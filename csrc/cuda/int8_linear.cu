@@ -22,6 +22,7 @@
 
 #include "cuda/int8.cuh"
 #include "cuda/launch.cuh"
+#include "rows.h"
 #include "validate.h"
 
 namespace lowbit::cuda {
@@ -199,12 +200,11 @@ at::Tensor int8_linear_cuda(const at::Tensor& x, const at::Tensor& CB, const at:
   validate_int8_linear(x, CB, SCB, threshold, bias);
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t N = CB.size(0), K = CB.size(1);
-  const int64_t M = c10::multiply_integers(x.sizes().begin(), x.sizes().end() - 1);
-  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
-  out_shape.back() = N;
+  const int64_t M = row_count(x);
+  const std::vector<int64_t> out_shape = linear_output_shape(x, N);
   at::Tensor out = at::empty({M, N}, x.options());
   if (M == 0 || N == 0) return out.view(out_shape);
-  const at::Tensor x2 = x.reshape({M, K}).contiguous();
+  const at::Tensor x2 = flatten_rows(x).contiguous();
   const at::Tensor weight = CB.contiguous(), weight_scale = SCB.contiguous();
   // The bias in float32, added before the final rounding, as the CPU kernel adds it.
   const at::Tensor bias_f = bias ? bias->to(at::kFloat).contiguous() : at::Tensor();

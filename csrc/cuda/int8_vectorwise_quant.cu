@@ -22,6 +22,7 @@
 #include "cuda/int8.cuh"
 #include "cuda/launch.cuh"
 #include "formats.h"
+#include "rows.h"
 #include "validate.h"
 
 namespace lowbit::cuda {
@@ -188,8 +189,7 @@ namespace {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> int8_vectorwise_quant_cuda(const at::Tensor& A, double threshold) {
   validate_int8_vectorwise_quant(A, threshold);
   const c10::cuda::CUDAGuard guard(A.device());
-  const int64_t K = A.size(-1);
-  const at::Tensor x2 = A.reshape({c10::multiply_integers(A.sizes().begin(), A.sizes().end() - 1), K}).contiguous();
+  const at::Tensor x2 = flatten_rows(A).contiguous();
   Int8Activations a = quantize_activations(x2, threshold, /*list_outliers=*/false);
   // The number of outlier columns sizes the output: reading it back is this op's one synchronisation
   // (int8_linear keeps the list on the device instead).

@@ -20,6 +20,7 @@
 
 #include "cuda/launch.cuh"
 #include "formats.h"
+#include "rows.h"
 #include "validate.h"
 #include "weight4.h"
 
@@ -125,10 +126,9 @@ at::Tensor linear_4bit_cuda(const at::Tensor& x, const at::Tensor& packed, const
                                                   nested_absmax, nested_code, nested_offset, nested_blocksize);
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t N = weight.view.N, K = weight.view.K;
-  const int64_t M = c10::multiply_integers(x.sizes().begin(), x.sizes().end() - 1);
-  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
-  out_shape.back() = N;
-  const at::Tensor x2 = x.reshape({M, K}).contiguous();
+  const int64_t M = row_count(x);
+  const std::vector<int64_t> out_shape = linear_output_shape(x, N);
+  const at::Tensor x2 = flatten_rows(x).contiguous();
   // The bias in x's dtype, as the reference adds it.
   const std::optional<at::Tensor> bias_x = bias ? std::optional(bias->to(x.scalar_type()).contiguous()) : std::nullopt;
   at::Tensor out;

@@ -19,9 +19,8 @@ from ._optional import require
 from .data import CALIBRATION_SOURCE, DEFAULT_PROMPTS, Window, calibration_text, default_text, strided_windows
 from .evaluate import (
     Evaluation, Generation, Speed, WindowOutput,
-    evaluate_against, evaluate_reference, generate, layer_errors, measure_speed, nll_with_layer_swapped,
+    evaluate_against, evaluate_reference, generate, layer_errors, measure_speed, nll_with_layer_swapped, outputs_nll,
 )  # fmt: skip
-from .metrics import token_nll
 from .mixed import propose
 from .models import Footprint, LoadedModel, footprint, load_full_precision, quantized_copy
 from .presets import PRESETS, describe, resolve
@@ -191,10 +190,7 @@ class _Baseline:
     evaluation: Evaluation
     outputs: list[WindowOutput]  # per window: the logits and hidden states agreement is measured against
     footprint: Footprint
-
-    def sensitivity_nll(self, bench: _Bench) -> float:
-        """Full precision's summed NLL over the sensitivity windows (the first windows of the evaluation)."""
-        return sum(float(token_nll(o.logits, o.targets).sum()) for o in self.outputs[: len(bench.sensitivity_windows)])
+    sensitivity_nll: float  # summed NLL over the sensitivity windows (the first windows of the evaluation)
 
 
 def _tokenize_into_windows(
@@ -237,7 +233,7 @@ def _measure_full_precision(bench: _Bench, load_seconds: float) -> _Baseline:
         generations=bench.generate(model),
     )
     progress.update(len(bench.prompts) + int(bench.timing) + 1)  # the windows counted themselves; +1 stands for the load
-    return _Baseline(result, evaluation, outputs, prints)
+    return _Baseline(result, evaluation, outputs, prints, outputs_nll(outputs[: len(bench.sensitivity_windows)]))
 
 
 def _measure_config(bench: _Bench, baseline: _Baseline, name: str, description: str, config) -> ConfigResult:
@@ -299,7 +295,7 @@ def _layer_errors(bench: _Bench, baseline: _Baseline, quantized: torch.nn.Module
         )
         for name, error in errors.items()
     ]
-    full_nll = baseline.sensitivity_nll(bench)
+    full_nll = baseline.sensitivity_nll
     # By the estimate's magnitude: a large first-order effect of either sign marks a large error, whose
     # second-order cost the estimate misses (FP4's last down_proj: estimated −1.7%, measured +7.9%).
     for layer in sorted(layers, key=lambda e: abs(e.est_ppl_change), reverse=True)[:MEASURED_LAYERS]:

@@ -49,10 +49,15 @@ class Evaluation:
     tokens: int
 
 
+def outputs_nll(outputs) -> float:
+    """The summed next-token NLL of window outputs (WindowOutput)."""
+    return sum(float(token_nll(o.logits, o.targets).sum()) for o in outputs)
+
+
 def evaluate_reference(model, ids, windows, progress=None) -> tuple[Evaluation, list[WindowOutput]]:
     """Perplexity of the full-precision model, keeping its outputs to compare against."""
     outputs = list(run_windows(model, ids, windows, progress))
-    nll = sum(float(token_nll(o.logits, o.targets).sum()) for o in outputs)
+    nll = outputs_nll(outputs)
     count = sum(len(o.targets) for o in outputs)
     return Evaluation(perplexity(nll, count), nll, count), outputs
 
@@ -138,7 +143,7 @@ def layer_errors(full_model, quantized_model, ids, windows, progress=None) -> di
 
 def summed_nll(model, ids: torch.Tensor, windows: list[Window]) -> float:
     """The summed next-token NLL of `model` over the scored positions of `windows`."""
-    return sum(float(token_nll(o.logits, o.targets).sum()) for o in run_windows(model, ids, windows))
+    return outputs_nll(run_windows(model, ids, windows))
 
 
 def nll_with_layer_swapped(model, name: str, layer, ids: torch.Tensor, windows: list[Window]) -> float:
