@@ -1,5 +1,7 @@
 """Every native op against its plain-PyTorch reference (lowbit.reference), opcheck, autograd and bad input."""
 
+import os
+
 import pytest
 import torch
 from helpers import (
@@ -209,22 +211,36 @@ def test_linear_4bit_matches_reference(kernel_device, quant_type, double_quant, 
 
 
 @pytest.mark.parametrize("op", ["linear_4bit", "int8_weight_linear"])
-def test_many_rows_over_several_weight_slabs(kernel_device, op):
-    # The GEMM path decodes slabs of 1 Mi floats (512 rows at K = 2048) and writes each slab's product into
-    # its columns of the output: 600 rows make two slabs, the second partial.
+@pytest.mark.parametrize("threads", [1, 3])
+@pytest.mark.parametrize("mode", ["grad", "no_grad", "inference_mode"])
+def test_many_rows_over_several_weight_slabs(kernel_device, monkeypatch, op, threads, mode):
+    # The CPU GEMM path gives each thread a share of the weight rows and decodes it in slabs of 4 x the size
+    # of x (160 rows here), writing each slab's product into its columns of the output: 600 rows make several
+    # slabs per share, the last partial. The worker threads' ATen calls must run in the caller's mode (an
+    # inference-mode output cannot be written outside inference mode). AMX is off (int8 weights of this size
+    # would take it instead) unless the portable kernels are forced.
+    if os.environ.get("LOWBIT_CPU_ISA") != "portable":
+        monkeypatch.setenv("LOWBIT_CPU_ISA", "avx512")
     N, K, M = 600, 2048, 40
     x = torch.randn(M, K, device=kernel_device)
     W = torch.randn(N, K, device=kernel_device)
-    if op == "linear_4bit":
-        packed, absmax = ops.quantize_4bit(W, 64, "nf4")
-        out = ops.linear_4bit(x, packed, absmax, 64, "nf4", (N, K))
-        ref = reference.linear_4bit(x, packed, absmax, 64, "nf4", (N, K))
-        Wq = reference.dequantize_4bit(packed, absmax, 64, "nf4", (N, K), torch.float64)
-    else:
-        CB, SCB, _ = reference.int8_vectorwise_quant(W, 0.0)
-        out, ref = ops.int8_weight_linear(x, CB, SCB), reference.int8_weight_linear(x, CB, SCB)
-        Wq = CB.double() * (SCB.double() / 127).unsqueeze(1)
-    assert_close_to_exact(out, ref, x.double() @ Wq.t(), f"{op} over two slabs")
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    context = {"grad": torch.enable_grad, "no_grad": torch.no_grad, "inference_mode": torch.inference_mode}[mode]
+    try:
+        with context():
+            if op == "linear_4bit":
+                packed, absmax = ops.quantize_4bit(W, 64, "nf4")
+                out = ops.linear_4bit(x, packed, absmax, 64, "nf4", (N, K))
+                ref = reference.linear_4bit(x, packed, absmax, 64, "nf4", (N, K))
+                Wq = reference.dequantize_4bit(packed, absmax, 64, "nf4", (N, K), torch.float64)
+            else:
+                CB, SCB, _ = reference.int8_vectorwise_quant(W, 0.0)
+                out, ref = ops.int8_weight_linear(x, CB, SCB), reference.int8_weight_linear(x, CB, SCB)
+                Wq = CB.double() * (SCB.double() / 127).unsqueeze(1)
+    finally:
+        torch.set_num_threads(previous)
+    assert_close_to_exact(out, ref, x.double() @ Wq.t(), f"{op} over several slabs ({threads} threads, {mode})")
 
 
 @pytest.mark.parametrize("M, N, K", [(17, 1024, 1024), (40, 300, 4099), (100, 2048, 520)])

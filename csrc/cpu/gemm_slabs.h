@@ -5,22 +5,21 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
 
 #include <algorithm>
 #include <vector>
 
 namespace lowbit {
 
-// Weight slab handed to the GEMM at a time, as a float32 count: 4 x the size of x (M x K), between 256 Ki
-// (1 MiB) and 4 Mi (16 MiB). Each GEMM call re-packs all of x, so the slab must be large against x, yet a slab
-// that stays in cache is cheaper to write and read. Measured 2026-11-29 on a 2-core Sapphire Rapids VM:
-// 4096 x 4096 at M = 64, 1 Mi slabs beat 4 Mi (1.04x against 0.88x of fp32); at M = 512, 4 Mi beat 1 Mi
-// (0.93x against 0.89x) and 16 Mi lost (0.73x); the built-in model's small layers at M = 64, whose x is small,
-// went from 0.84-0.92x to 0.88-0.98x with slabs that fit L2 (256 Ki floats, not 1 Mi).
-constexpr int64_t kMinSlabFloats = 1 << 18, kMaxSlabFloats = 1 << 22, kSlabPerX = 4;
+// Weight slab decoded at a time by each thread, as a float32 count: 4 x the size of x (M x K), between 256 Ki
+// (1 MiB, which stays in a 2 MiB L2 while the GEMM reads it back) and 1 Mi (4 MiB a thread). Each GEMM call
+// re-packs all of x, so the slab must be large against x; beyond 1 Mi it no longer measured faster (4096 x 4096
+// and 14336 x 4096 at 512 rows: 0.93-0.99x of fp32 with 1 Mi or 4 Mi, within the machine's noise).
+constexpr int64_t kMinSlabFloats = 1 << 18, kMaxSlabFloats = 1 << 20, kSlabPerX = 4;
 
-// The slab's memory, kept per calling thread and reused: a fresh allocation each call comes straight from
-// mmap at these sizes, and its page faults cost a fifth of a small layer's call (192 x 576 at 64 rows).
+// The slab's memory, kept per thread and reused: a fresh allocation each call comes straight from mmap at
+// these sizes, and its page faults cost a fifth of a small layer's call (192 x 576 at 64 rows).
 inline float* slab_memory(int64_t floats) {
   thread_local std::vector<float> memory;
   if (static_cast<int64_t>(memory.size()) < floats) memory.resize(floats);
@@ -29,20 +28,35 @@ inline float* slab_memory(int64_t floats) {
 
 // x: float32 [M, K]; out: float32 [M, N]. decode(n0, n1, dst) writes weight rows [n0, n1) as float32 rows of
 // K values, in the same column order as x.
+//
+// Each thread takes an equal share of the weight rows and, slab by slab, decodes them and multiplies them
+// with a GEMM of its own (single-threaded inside the parallel region). Sharing each slab among the threads
+// instead (decode in parallel, then one threaded GEMM per slab) put a barrier between every decode and GEMM
+// and sent the decoded slab from one core's cache to the other's. Measured 2026-11-29 (2-core Sapphire Rapids
+// VM, NF4, ratio to fp32 F.linear): 1536 x 576 at 64 rows 0.63x shared / 1.03-1.31x per thread, 576 x 1536
+// at 64 rows 0.91x / 0.98-1.06x, 4096 x 4096 at 512 rows 0.89x / 0.93x.
 template <typename Decode>
 void gemm_slabs(int64_t N, int64_t K, const at::Tensor& x, at::Tensor& out, const Decode& decode) {
   const int64_t slab_floats = std::clamp(kSlabPerX * x.size(0) * K, kMinSlabFloats, kMaxSlabFloats);
-  const int64_t slab_rows = std::min(N, std::max<int64_t>(16, slab_floats / std::max<int64_t>(K, 1)));
-  float* dst = slab_memory(slab_rows * K);
-  const at::Tensor slab = at::from_blob(dst, {slab_rows, K}, x.options());
-  for (int64_t n0 = 0; n0 < N; n0 += slab_rows) {
-    const int64_t rows = std::min(slab_rows, N - n0);
-    at::parallel_for(0, rows, 4, [&](int64_t r0, int64_t r1) { decode(n0 + r0, n0 + r1, dst + r0 * K); });
-    // Straight into the output's columns (a row-major view with leading dimension N, which the GEMM takes
-    // as is): no temporary, no copy.
-    at::Tensor columns = out.narrow(1, n0, rows);
-    at::mm_out(columns, x, slab.narrow(0, 0, rows).t());
-  }
+  const int64_t threads = std::max(1, at::get_num_threads());
+  const int64_t share = std::max<int64_t>(16, (N + threads - 1) / threads);
+  // ATen calls on the worker threads run under the caller's thread-local state (inference mode, grad mode):
+  // OpenMP workers do not inherit it, and writing an inference-mode `out` outside inference mode is an error.
+  const at::ThreadLocalState caller_state;
+  at::parallel_for(0, N, share, [&](int64_t begin, int64_t end) {
+    const at::ThreadLocalStateGuard guard(caller_state);
+    const int64_t slab_rows = std::min(end - begin, std::max<int64_t>(16, slab_floats / std::max<int64_t>(K, 1)));
+    float* dst = slab_memory(slab_rows * K);
+    const at::Tensor slab = at::from_blob(dst, {slab_rows, K}, x.options());
+    for (int64_t n0 = begin; n0 < end; n0 += slab_rows) {
+      const int64_t rows = std::min(slab_rows, end - n0);
+      decode(n0, n0 + rows, dst);
+      // Straight into the output's columns (a row-major view with leading dimension N, which the GEMM takes
+      // as is): no temporary, no copy.
+      at::Tensor columns = out.narrow(1, n0, rows);
+      at::mm_out(columns, x, slab.narrow(0, 0, rows).t());
+    }
+  });
 }
 
 }  // namespace lowbit

@@ -104,12 +104,15 @@ LOWBIT_AVX512 void gemv_avx512_rows(const Weight4& w, const float* xp, float* ou
 }
 
 // Rows [n0, n1) as floats in natural order, for the GEMM path. Each byte is widened into two lanes (unpack
-// with itself), and a per-lane shift of 4 or 0 picks its high or low nibble: two more instructions per 16
-// weights than decoding nibble planes, which the GEMM path pays once per weight, instead of reordering x
-// (M x K floats) on every call, which costs more than the whole decode for small layers at large M.
-LOWBIT_AVX512 inline __m512i nibbles_in_order(__m128i byte_pairs) {
+// with itself), and a per-lane shift of 4 or 0 brings its high or low nibble to the bottom; vpermps reads only
+// the low 4 bits of an index, so no mask is needed. The table is scaled once per block (16 products, the same
+// ones a multiply per weight would round), so a weight costs no multiply. Natural order costs two more
+// instructions per 16 weights than decoding nibble planes, which the GEMM path pays once per weight, instead
+// of reordering x (M x K floats) on every call, which costs more than the whole decode for small layers at
+// large M.
+LOWBIT_AVX512 inline __m512i nibble_indices(__m128i byte_pairs) {
   const __m512i high_then_low = _mm512_set_epi32(0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4);
-  return _mm512_and_si512(_mm512_srlv_epi32(_mm512_cvtepu8_epi32(byte_pairs), high_then_low), _mm512_set1_epi32(0xF));
+  return _mm512_srlv_epi32(_mm512_cvtepu8_epi32(byte_pairs), high_then_low);
 }
 
 LOWBIT_AVX512 void decode_rows_avx512(const Weight4& w, int64_t n0, int64_t n1, float* dst) {
@@ -119,12 +122,11 @@ LOWBIT_AVX512 void decode_rows_avx512(const Weight4& w, int64_t n0, int64_t n1, 
     const uint8_t* row = w.packed + n * w.K / 2;
     float* out = dst + (n - n0) * w.K;
     for (int64_t b = 0; b < blocks_per_row; ++b) {
-      const __m512 s = _mm512_set1_ps(w.scale(n * blocks_per_row + b));
+      const __m512 scaled = _mm512_mul_ps(table, _mm512_set1_ps(w.scale(n * blocks_per_row + b)));
       for (int64_t k = b * w.blocksize; k < (b + 1) * w.blocksize; k += 32) {
         const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + k / 2));
-        _mm512_storeu_ps(out + k, _mm512_mul_ps(_mm512_permutexvar_ps(nibbles_in_order(_mm_unpacklo_epi8(bytes, bytes)), table), s));
-        _mm512_storeu_ps(out + k + 16,
-                         _mm512_mul_ps(_mm512_permutexvar_ps(nibbles_in_order(_mm_unpackhi_epi8(bytes, bytes)), table), s));
+        _mm512_storeu_ps(out + k, _mm512_permutexvar_ps(nibble_indices(_mm_unpacklo_epi8(bytes, bytes)), scaled));
+        _mm512_storeu_ps(out + k + 16, _mm512_permutexvar_ps(nibble_indices(_mm_unpackhi_epi8(bytes, bytes)), scaled));
       }
     }
   }
