@@ -3,9 +3,9 @@
 //
 // Few rows (decode): the weight is read once and each byte serves M multiply-adds, so the kernel streams
 // it: 16 int8 weights widened to float32 in registers (vpmovsxbd + vcvtdq2ps), one FMA per row of x, the
-// row scale SCB / 127 applied once per output. Many rows: on a CPU with AMX-BF16 and a weight of a quarter million
-// elements or more, bfloat16 tiles with exact products (amx_int8_weight.h: faster than fp32's own GEMM);
-// otherwise decode slabs of weight rows to float32 and call the BLAS GEMM (gemm_slabs), amortizing the
+// row scale SCB / 127 applied once per output. Many rows: on a CPU with AMX-BF16, bfloat16 tiles with exact
+// products (amx_int8_weight.h: faster than fp32's own GEMM); otherwise, or for inputs outside the tiles'
+// exact range, decode slabs of weight rows to float32 and call the BLAS GEMM (gemm_slabs), amortizing the
 // decode over the rows.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -24,12 +24,12 @@ namespace {
 // Up to this many rows of x the GEMV kernels run; beyond, the slab GEMM (provisional, as the 4-bit
 // kernel's cut-over: its fused path won up to 32 rows on a 4096 x 4096 weight).
 constexpr int64_t kMaxGemvRows = 16;
-// Beyond the GEMV, weights of at least this many elements take the AMX-BF16 kernel where the CPU has one.
-// Measured 2026-11-29 on a 2-core Sapphire Rapids VM against fp32 F.linear (AMX / slab path): 576 x 576 at 64
-// rows 1.11x / 0.53x, at 512 rows 1.10x / 0.93x; 1536 x 576 at 512 rows 1.21x / 0.97x; 4096 x 4096 at 512 rows
-// 1.75x / 0.90x; 14336 x 4096 at 64 rows 1.69x / 1.00x. Below it the kernel's fixed costs (packing x, one
-// task per thread) lose: 192 x 576 at 512 rows 0.64x / 0.84x, 128 x 128 at 32 rows 0.28x / 0.37x.
-constexpr int64_t kMinAmxWeights = int64_t{1} << 18;
+// Where the CPU has AMX, the tile kernel takes over from the GEMV sooner, at any weight size. Measured
+// 2026-11-29 on a 2-core Sapphire Rapids VM, weights in cache, against fp32 F.linear (AMX / GEMV): at 16 rows
+// 576 x 576 1.15x / 0.88x, 1536 x 576 1.63x / 0.97x, 4096 x 4096 2.68x / 1.16x, 192 x 576 0.74x / 0.83x; at 8
+// rows 576 x 576 0.96x / 1.26x, 4096 x 4096 2.22x / 2.01x. Against the slab path, AMX won on every shape tried,
+// down to 128 x 128 at 32 rows (0.77x / 0.51x).
+constexpr int64_t kMaxGemvRowsBeforeAmx = 8;
 
 // Rows [n0, n1) of the weight as float32, scales applied.
 void decode_rows(const int8_t* CB, const float* scale, int64_t K, int64_t n0, int64_t n1, float* dst) {
@@ -137,10 +137,8 @@ at::Tensor int8_weight_linear_cpu(const at::Tensor& x, const at::Tensor& CB, con
   if (M > 0 && N > 0) {
     const float* xp = x2.const_data_ptr<float>();
 #if LOWBIT_X86
-    // (K < 2^26: the kernel gathers x with 32-bit offsets of up to 16 K.)
-    if (M > kMaxGemvRows && N * K >= kMinAmxWeights && K < (int64_t{1} << 26) && use_amx_bf16() &&
-        amx_exact_range(xp, M * K)) {
-      amx::int8_weight_gemm(xp, M, cb, s, N, K, out.data_ptr<float>());
+    // The AMX kernel declines (returns false) when some |x| is outside its exact range: the slab path then.
+    if (M > kMaxGemvRowsBeforeAmx && use_amx_bf16() && amx::int8_weight_gemm(xp, M, cb, s, N, K, out.data_ptr<float>())) {
     } else
 #endif
     if (M > kMaxGemvRows) {
