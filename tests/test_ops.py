@@ -243,12 +243,14 @@ def test_many_rows_over_several_weight_slabs(kernel_device, monkeypatch, op, thr
     assert_close_to_exact(out, ref, x.double() @ Wq.t(), f"{op} over several slabs ({threads} threads, {mode})")
 
 
-@pytest.mark.parametrize("M, N, K", [(17, 1024, 1024), (40, 300, 4099), (100, 2048, 520)])
+@pytest.mark.parametrize("M, N, K", [(9, 40, 64), (40, 33, 100), (100, 192, 576), (17, 1024, 1024), (40, 300, 4099),
+                                     (100, 2048, 520)])  # fmt: skip
 @pytest.mark.parametrize("scales", ["normal", "wide", "out of the tile range"])
-def test_int8_weight_linear_large_weights(kernel_device, M, N, K, scales):
-    # Weights of a quarter million elements or more take the AMX-BF16 kernel where the CPU has one (x split into three
-    # bfloat16 parts), with tails in every dimension; values beyond its exact range (|x| < 2^-96) take the slab
-    # path instead. Either way the error stays within the reference's.
+def test_int8_weight_linear_many_rows(kernel_device, M, N, K, scales):
+    # Beyond 8 rows the AMX-BF16 kernel runs where the CPU has one (x split into three bfloat16 parts), with tails in
+    # every dimension: small weights held whole by every thread (40 x 33, 100 x 192), larger ones split by rows. A
+    # value beyond its exact range (|x| < 2^-96) makes it decline and the slab path run instead. Either way the error
+    # stays within the reference's.
     x = torch.randn(M, K, device=kernel_device)
     if scales == "wide":
         x *= torch.logspace(-20, 20, K, device=kernel_device)
