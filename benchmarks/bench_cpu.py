@@ -3,7 +3,8 @@ bitsandbytes' CPU layers, in the same run, plus quantization throughput against 
 
 Each case rotates through enough copies of its weights that they cannot stay in the last-level
 cache (so every call streams its weight from memory, as in real decoding), and reports the
-median of many calls. Results go to a JSON file and a table on stdout.
+median of many calls, taken in three rounds that visit every variant in turn. Results go to a JSON file
+and a table on stdout.
 
     python benchmarks/bench_cpu.py --out bench_cpu.json
 """
@@ -37,6 +38,16 @@ def _median_ms(fn, calls: list, repeats: int) -> float:
     return statistics.median(times) * 1e3
 
 
+def _interleaved_medians(layers: dict, x: torch.Tensor, repeats: int, rounds: int = 3) -> dict:
+    """Median ms per variant, its calls spread over `rounds` rounds that visit every variant in turn, so a
+    drift in the machine's speed (this VM's cells move by ±10%) weighs on every variant alike."""
+    times = {key: [] for key in layers}
+    for _ in range(rounds):
+        for key, copies in layers.items():
+            times[key].append(_median_ms(lambda m: m(x), copies, max(1, repeats // rounds)))
+    return {key: statistics.median(t) for key, t in times.items()}
+
+
 def _copies(bytes_per_copy: int) -> int:
     return max(2, min(32, -(-ROTATE_BYTES // max(bytes_per_copy, 1))))
 
@@ -49,25 +60,18 @@ def bench_linear(n_out: int, k_in: int, batch: int, repeats: int, with_bnb) -> d
     torch.manual_seed(0)
     base = nn.Linear(k_in, n_out, bias=False)
     x = torch.randn(batch, k_in)
-    results = {}
+    n = n_out * k_in
     with torch.inference_mode():
-        fp32 = [nn.Linear(k_in, n_out, bias=False) for _ in range(_copies(n_out * k_in * 4))]
-        results["torch_fp32"] = _median_ms(lambda m: m(x), fp32, repeats)
-        del fp32
-        nf4 = _layers(lambda lin: lowbit.Linear4bit.from_linear(lin, quant_type="nf4"), base, n_out * k_in // 2)
-        results["lowbit_nf4"] = _median_ms(lambda m: m(x), nf4, repeats)
-        del nf4
-        for key, options in (("lowbit_int8", dict(threshold=6.0)), ("lowbit_int8_wo", dict(weight_only=True))):
-            int8 = _layers(lambda lin: lowbit.Linear8bit.from_linear(lin, **options), base, n_out * k_in)
-            results[key] = _median_ms(lambda m: m(x), int8, repeats)
-            del int8
+        layers = {
+            "torch_fp32": [nn.Linear(k_in, n_out, bias=False) for _ in range(_copies(n * 4))],
+            "lowbit_nf4": _layers(lambda lin: lowbit.Linear4bit.from_linear(lin, quant_type="nf4"), base, n // 2),
+            "lowbit_int8": _layers(lambda lin: lowbit.Linear8bit.from_linear(lin, threshold=6.0), base, n),
+            "lowbit_int8_wo": _layers(lambda lin: lowbit.Linear8bit.from_linear(lin, weight_only=True), base, n),
+        }
         if with_bnb is not None:
-            bnb4 = _layers(lambda lin: _bnb_4bit(with_bnb, lin), base, n_out * k_in // 2)
-            results["bnb_nf4"] = _median_ms(lambda m: m(x), bnb4, repeats)
-            del bnb4
-            bnb8 = _layers(lambda lin: _bnb_8bit(with_bnb, lin), base, n_out * k_in)
-            results["bnb_int8"] = _median_ms(lambda m: m(x), bnb8, repeats)
-    return results
+            layers["bnb_nf4"] = _layers(lambda lin: _bnb_4bit(with_bnb, lin), base, n // 2)
+            layers["bnb_int8"] = _layers(lambda lin: _bnb_8bit(with_bnb, lin), base, n)
+        return _interleaved_medians(layers, x, repeats)
 
 
 def _bnb_4bit(bnb, lin: nn.Linear):
@@ -102,16 +106,17 @@ def main() -> None:
     parser.add_argument("--shapes", default="4096x4096,14336x4096",
                         help="weights as OUTxIN, comma-separated; 'smollm2' adds the built-in model's four shapes")  # fmt: skip
     args = parser.parse_args()
-    try:
-        import bitsandbytes as bnb
-    except ImportError:
-        bnb = None
-    bnb = None if args.no_bnb else bnb
+    bnb = None
+    if not args.no_bnb:  # (importing it prints a warning of its own on CPU-only machines)
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            pass
     shapes = _shapes(args.shapes)
     rows = []
     for n_out, k_in in shapes:
         for batch in [int(b) for b in args.batches.split(",")]:
-            r = bench_linear(n_out, k_in, batch, args.repeats if batch < 64 else max(5, args.repeats // 4), bnb)
+            r = bench_linear(n_out, k_in, batch, args.repeats if batch < 64 else max(9, args.repeats // 4), bnb)
             rows.append({"weight": f"{n_out}x{k_in}", "batch": batch, **r})
             print(_row(rows[-1]), flush=True)
     quant = bench_quantize(14336, 4096, 5)

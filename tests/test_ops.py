@@ -213,15 +213,16 @@ def test_linear_4bit_matches_reference(kernel_device, quant_type, double_quant, 
 @pytest.mark.parametrize("op", ["linear_4bit", "int8_weight_linear"])
 @pytest.mark.parametrize("threads", [1, 3])
 @pytest.mark.parametrize("mode", ["grad", "no_grad", "inference_mode"])
-def test_many_rows_over_several_weight_slabs(kernel_device, monkeypatch, op, threads, mode):
+@pytest.mark.parametrize("N, K, M", [(600, 2048, 40), (40, 128, 400), (40, 100, 400)])
+def test_many_rows_over_several_weight_slabs(kernel_device, monkeypatch, op, threads, mode, N, K, M):
     # The CPU GEMM path gives each thread a share of the weight rows and decodes it in slabs of 4 x the size
-    # of x (160 rows here), writing each slab's product into its columns of the output: 600 rows make several
-    # slabs per share, the last partial. The worker threads' ATen calls must run in the caller's mode (an
-    # inference-mode output cannot be written outside inference mode). AMX is off (int8 weights of this size
-    # would take it instead) unless the portable kernels are forced.
+    # of x (600 x 2048 at 40 rows: shares of 200 or 600 rows, in equal slabs of at most 160); a weight that fits
+    # one slab, with 128 rows of x or more per thread (40 x 128 at 400 rows), is decoded whole by every thread,
+    # each taking a share of x's rows. The worker threads' ATen calls must run in the caller's mode (an
+    # inference-mode output cannot be written outside inference mode). AMX is off (int8 weights would take it
+    # instead) unless the portable kernels are forced.
     if os.environ.get("LOWBIT_CPU_ISA") != "portable":
         monkeypatch.setenv("LOWBIT_CPU_ISA", "avx512")
-    N, K, M = 600, 2048, 40
     x = torch.randn(M, K, device=kernel_device)
     W = torch.randn(N, K, device=kernel_device)
     previous = torch.get_num_threads()
@@ -240,7 +241,7 @@ def test_many_rows_over_several_weight_slabs(kernel_device, monkeypatch, op, thr
                 Wq = CB.double() * (SCB.double() / 127).unsqueeze(1)
     finally:
         torch.set_num_threads(previous)
-    assert_close_to_exact(out, ref, x.double() @ Wq.t(), f"{op} over several slabs ({threads} threads, {mode})")
+    assert_close_to_exact(out, ref, x.double() @ Wq.t(), f"{op} {N}x{K} at {M} rows ({threads} threads, {mode})")
 
 
 @pytest.mark.parametrize("M, N, K", [(9, 40, 64), (40, 33, 100), (100, 192, 576), (17, 1024, 1024), (40, 300, 4099),

@@ -17,6 +17,8 @@ namespace lowbit {
 // re-packs all of x, so the slab must be large against x; beyond 1 Mi it no longer measured faster (4096 x 4096
 // and 14336 x 4096 at 512 rows: 0.93-0.99x of fp32 with 1 Mi or 4 Mi, within the machine's noise).
 constexpr int64_t kMinSlabFloats = 1 << 18, kMaxSlabFloats = 1 << 20, kSlabPerX = 4;
+// Rows of x per thread from which a weight that fits one slab is shared whole (see gemm_slabs).
+constexpr int64_t kMinRowsPerThreadForRowSplit = 128;
 
 // The slab's memory, kept per thread and reused: a fresh allocation each call comes straight from mmap at
 // these sizes, and its page faults cost a fifth of a small layer's call (192 x 576 at 64 rows).
@@ -33,19 +35,37 @@ inline float* slab_memory(int64_t floats) {
 // with a GEMM of its own (single-threaded inside the parallel region). Sharing each slab among the threads
 // instead (decode in parallel, then one threaded GEMM per slab) put a barrier between every decode and GEMM
 // and sent the decoded slab from one core's cache to the other's. Measured 2026-11-29 (2-core Sapphire Rapids
-// VM, NF4, ratio to fp32 F.linear): 1536 x 576 at 64 rows 0.63x shared / 1.03-1.31x per thread, 576 x 1536
-// at 64 rows 0.91x / 0.98-1.06x, 4096 x 4096 at 512 rows 0.89x / 0.93x.
+// VM, NF4, ratio to fp32 F.linear): 1536 x 576 at 64 rows 0.63-0.86x shared / 1.03-1.31x per thread, 576 x
+// 1536 at 64 rows 0.91x / 0.98-1.06x, 4096 x 4096 at 512 rows 0.89x / 0.93x. A share is cut into equal slabs
+// (288 rows as 144 + 144, not 256 + 32: 0.89x against 0.79x on 576 x 1536 at 64 rows).
+//
+// A weight that fits one slab with many rows of x is split the other way: every thread decodes all of it and
+// multiplies its own share of x's rows, since halving a narrow weight (192 rows) costs the GEMM more than a
+// second decode costs (192 x 576 at 512 rows: 0.88-0.91x against 0.78-0.80x).
 template <typename Decode>
 void gemm_slabs(int64_t N, int64_t K, const at::Tensor& x, at::Tensor& out, const Decode& decode) {
-  const int64_t slab_floats = std::clamp(kSlabPerX * x.size(0) * K, kMinSlabFloats, kMaxSlabFloats);
+  const int64_t M = x.size(0);
+  const int64_t slab_floats = std::clamp(kSlabPerX * M * K, kMinSlabFloats, kMaxSlabFloats);
   const int64_t threads = std::max(1, at::get_num_threads());
-  const int64_t share = std::max<int64_t>(16, (N + threads - 1) / threads);
   // ATen calls on the worker threads run under the caller's thread-local state (inference mode, grad mode):
   // OpenMP workers do not inherit it, and writing an inference-mode `out` outside inference mode is an error.
   const at::ThreadLocalState caller_state;
+  if (N * K <= slab_floats && M >= kMinRowsPerThreadForRowSplit * threads) {
+    at::parallel_for(0, M, (M + threads - 1) / threads, [&](int64_t begin, int64_t end) {
+      const at::ThreadLocalStateGuard guard(caller_state);
+      float* dst = slab_memory(N * K);
+      decode(0, N, dst);
+      at::Tensor rows = out.narrow(0, begin, end - begin);
+      at::mm_out(rows, x.narrow(0, begin, end - begin), at::from_blob(dst, {N, K}, x.options()).t());
+    });
+    return;
+  }
+  const int64_t share = std::max<int64_t>(16, (N + threads - 1) / threads);
   at::parallel_for(0, N, share, [&](int64_t begin, int64_t end) {
     const at::ThreadLocalStateGuard guard(caller_state);
-    const int64_t slab_rows = std::min(end - begin, std::max<int64_t>(16, slab_floats / std::max<int64_t>(K, 1)));
+    const int64_t most_rows = std::max<int64_t>(16, slab_floats / std::max<int64_t>(K, 1));
+    const int64_t slabs = (end - begin + most_rows - 1) / most_rows;
+    const int64_t slab_rows = (end - begin + slabs - 1) / slabs;
     float* dst = slab_memory(slab_rows * K);
     const at::Tensor slab = at::from_blob(dst, {slab_rows, K}, x.options());
     for (int64_t n0 = begin; n0 < end; n0 += slab_rows) {

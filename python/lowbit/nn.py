@@ -234,9 +234,10 @@ class Linear4bit(QuantizedLinear):
         if x.shape[-1] != self.in_features:
             raise ValueError(f"input has {x.shape[-1]} features, Linear4bit expects {self.in_features}")
         dtype = self.compute_dtype or x.dtype
-        out = ops.linear_4bit(x.to(dtype), self.weight, self.absmax, self.blocksize, self.quant_type,
-                              (self.out_features, self.in_features), self.bias, self._nested())  # fmt: skip
-        return out.to(x.dtype)
+        # (dtype compared here, not left to .to(): two no-op dispatcher calls, 2 us, 3% of a small layer's call)
+        out = ops.linear_4bit(x if x.dtype == dtype else x.to(dtype), self.weight, self.absmax, self.blocksize,
+                              self.quant_type, (self.out_features, self.in_features), self.bias, self._nested())  # fmt: skip
+        return out if out.dtype == x.dtype else out.to(x.dtype)
 
     @torch.no_grad()
     def dequantize(self) -> torch.Tensor:
