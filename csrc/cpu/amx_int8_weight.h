@@ -93,7 +93,8 @@ LOWBIT_AMX inline void transpose16x16(__m512i r[16]) {
     u[4 * g + 3] = _mm512_unpackhi_epi64(t[4 * g + 1], t[4 * g + 3]);
   }
   for (int c = 0; c < 4; ++c) {
-    const __m512i low01 = _mm512_shuffle_i32x4(u[c], u[4 + c], 0x44), high01 = _mm512_shuffle_i32x4(u[c], u[4 + c], 0xEE);
+    const __m512i low01 = _mm512_shuffle_i32x4(u[c], u[4 + c], 0x44);
+    const __m512i high01 = _mm512_shuffle_i32x4(u[c], u[4 + c], 0xEE);
     const __m512i low23 = _mm512_shuffle_i32x4(u[8 + c], u[12 + c], 0x44);
     const __m512i high23 = _mm512_shuffle_i32x4(u[8 + c], u[12 + c], 0xEE);
     r[c] = _mm512_shuffle_i32x4(low01, low23, 0x88);
@@ -309,7 +310,8 @@ inline bool int8_weight_gemm(const float* x, int64_t M, const int8_t* CB, const 
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t n0 = t * rows, n1 = std::min(N, n0 + rows);
       const uint16_t* w = held_weight(CB, K, Kp, n0, n1);
-      for (int64_t mb = 0; mb < blocks; ++mb) multiply_block(xb + mb * block_words, mb * kTile, M, w, n0, n1, scale, N, Kp, out);
+      for (int64_t mb = 0; mb < blocks; ++mb)
+        multiply_block(xb + mb * block_words, mb * kTile, M, w, n0, n1, scale, N, Kp, out);
     }
   });
   return true;

@@ -137,8 +137,9 @@ at::Tensor int8_weight_linear_cpu(const at::Tensor& x, const at::Tensor& CB, con
   if (M > 0 && N > 0) {
     const float* xp = x2.const_data_ptr<float>();
 #if LOWBIT_X86
-    // The AMX kernel declines (returns false) when some |x| is outside its exact range: the slab path then.
-    if (M > kMaxGemvRowsBeforeAmx && use_amx_bf16() && amx::int8_weight_gemm(xp, M, cb, s, N, K, out.data_ptr<float>())) {
+    // The AMX kernel declines (returns false) when some |x| is outside its exact range: the next path then.
+    if (M > kMaxGemvRowsBeforeAmx && use_amx_bf16() &&
+        amx::int8_weight_gemm(xp, M, cb, s, N, K, out.data_ptr<float>())) {
     } else
 #endif
     if (M > kMaxGemvRows) {
