@@ -22,7 +22,7 @@ namespace lowbit {
 namespace {
 
 // Up to this many rows of x the GEMV kernels run; beyond, the slab GEMM (provisional, as the 4-bit
-// kernel's cut-over: its fused path won up to 32 rows on a 4096 x 4096 weight).
+// kernel's cut-over, where the fused path wins up to 16 rows).
 constexpr int64_t kMaxGemvRows = 16;
 // Where the CPU has AMX, the tile kernel takes over from the GEMV sooner, at any weight size. Measured
 // 2026-11-29 on a 2-core Sapphire Rapids VM, weights in cache, against fp32 F.linear (AMX / GEMV): at 16 rows

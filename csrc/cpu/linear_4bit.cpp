@@ -22,10 +22,12 @@
 namespace lowbit {
 namespace {
 
-// Up to this many rows of x the fused AVX-512 kernel beats dequantize + BLAS GEMM (measured on a
-// 4096x4096 weight: 10.5 vs 11.6 ms of fp32 at 32 rows, and slower beyond); the portable path
-// switches to the GEMM sooner.
-constexpr int64_t kMaxFusedRows = 32;
+// Up to this many rows of x the fused AVX-512 kernel beats dequantize + BLAS GEMM; the portable path switches
+// to the GEMM sooner. Measured 2026-11-29 on a 2-core Sapphire Rapids VM, ratio to fp32 (fused / slab path):
+// at 16 rows 4096 x 4096 1.05x / 0.95x, 576 x 1536 1.28x / 1.02x, 1536 x 576 1.00x / 0.76x; at 32 rows
+// 4096 x 4096 0.68x / 0.88x, 576 x 576 0.55x / 0.69x, 1536 x 576 0.74x / 0.79x; at 24 rows 576 x 1536 0.74x /
+// 1.04x, 4096 x 4096 0.81x / 0.79x.
+constexpr int64_t kMaxFusedRows = 16;
 constexpr int64_t kMaxPortableGemvRows = 8;
 // Weight rows kept hot while all of x passes over them (16 rows of K=4096 are 32 KiB packed).
 constexpr int64_t kRowTile = 16;
