@@ -66,10 +66,6 @@ inline uint16_t bf16_nearest(float f) {  // round to nearest even (finite f)
   return static_cast<uint16_t>((u + 0x7FFF + ((u >> 16) & 1)) >> 16);
 }
 
-// x [M, K] as the B operand, one contiguous run per block of 16 rows of x so a block streams in order:
-// packed[((mb * kParts + part) * Kp/2 + kk) * 16 + m % 16] holds the pair (x[m][2kk], x[m][2kk + 1]) of that
-// part (mb = m / 16), zero beyond M and K.
-
 // bfloat16 bits of finite floats, rounded to nearest even.
 LOWBIT_AMX inline __m512i bf16_bits(__m512 v) {
   const __m512i u = _mm512_castps_si512(v);
@@ -113,6 +109,10 @@ LOWBIT_AMX inline bool in_exact_range(__m512 v) {
   return static_cast<__mmask16>(zero | inside) == 0xFFFF;
 }
 
+// x [M, K] as the B operand, one contiguous run per block of 16 rows of x so a block streams in order:
+// packed[((mb * kParts + part) * Kp/2 + kk) * 16 + m % 16] holds the pair (x[m][2kk], x[m][2kk + 1]) of that
+// part (mb = m / 16), zero beyond M and K.
+//
 // Rows [16 mb, 16 mb + 16) of x, 32 k at a time: each row's 32 floats are split into parts, a part's 16
 // bfloat16 pairs packed into one vector (row-major, as x is), and a 16 x 16 transpose per part turns the rows
 // into tile rows. Contiguous loads and shuffles: gathering down the columns of x instead cost a tenth of the

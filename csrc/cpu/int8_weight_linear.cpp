@@ -152,10 +152,10 @@ at::Tensor int8_weight_linear_cpu(const at::Tensor& x, const at::Tensor& CB, con
       });
 #if LOWBIT_X86
     } else if (use_avx512()) {
-      gemv_avx512(cb, s, x2.const_data_ptr<float>(), M, N, K, out.data_ptr<float>());
+      gemv_avx512(cb, s, xp, M, N, K, out.data_ptr<float>());
 #endif
     } else {
-      gemv_portable(cb, s, x2.const_data_ptr<float>(), M, N, K, out.data_ptr<float>());
+      gemv_portable(cb, s, xp, M, N, K, out.data_ptr<float>());
     }
   }
   if (bias.has_value()) out.add_(bias->to(at::kFloat));
