@@ -12,6 +12,7 @@
 #include <torch/library.h>
 
 #include "cpu/dot.h"
+#include "cpu/gemm_4bit_avx512.h"
 #include "cpu/gemm_slabs.h"
 #include "cpu/isa.h"
 #include "formats.h"
@@ -176,6 +177,8 @@ at::Tensor linear_4bit_cpu(const at::Tensor& x, const at::Tensor& packed, const 
 #if LOWBIT_X86
     } else if (avx512 && M <= kMaxFusedRows) {
       gemv_avx512(w, x2.const_data_ptr<float>(), M, out.data_ptr<float>());
+    } else if (avx512 && !(getenv("LOWBIT_SLAB") && *getenv("LOWBIT_SLAB") == '1')) {
+      gemm_4bit_avx512(w, x2.const_data_ptr<float>(), M, out.data_ptr<float>());
     } else if (avx512) {
       gemm_slabs(w.N, w.K, x2, out, [&](int64_t n0, int64_t n1, float* dst) { decode_rows_avx512(w, n0, n1, dst); });
 #endif

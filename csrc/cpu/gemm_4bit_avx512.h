@@ -1,0 +1,146 @@
+// The many-rows path of linear_4bit on AVX-512 CPUs: a GEMM that decodes the 4-bit codes straight into the
+// layout its inner loop reads. Decoding to a float slab and calling the BLAS GEMM writes every decoded weight
+// once and has the BLAS read and re-pack it; here each panel of 32 weight rows is decoded once, already packed,
+// and every row of x then streams past it.
+#pragma once
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+
+#include "cpu/gemm_slabs.h"
+#include "cpu/isa.h"
+#include "formats.h"
+
+namespace lowbit {
+
+#if LOWBIT_X86
+
+// The inner loop's output tile: up to 12 rows of x by one panel of 32 weight rows (two vectors of 16 outputs).
+// Its 24 accumulators, the panel's 2 vectors and a broadcast of x fit the 32 vector registers; per k, 2 panel
+// loads and 12 broadcasts feed 24 FMAs, 12 cycles on the two FMA ports and within what the load ports sustain.
+// Vectors run along the output's columns, so the tile is stored as it is: no reduction across lanes.
+constexpr int64_t kPanelRows = 32, kMaxTileRows = 12;
+
+// 16 weight rows [first, first + valid) at k0..k0+31 as four vectors of dwords: vector c, lane r holds the
+// bytes 4c..4c+3 of row r's 16 bytes there (codes of k0 + 8c .. k0 + 8c + 7). Rows from `valid` on read as
+// zero. Loaded so that 128-bit lane L of vector p holds row 4L + p, an in-lane 4 x 4 transpose of dwords
+// brings every row's dword c to lane r of vector c: 16 loads and 8 shuffles for 512 codes, against a gather
+// per vector.
+LOWBIT_AVX512 inline void code_columns(const uint8_t* packed, int64_t row_bytes, int64_t first, int valid,
+                                       int64_t k0, __m512i columns[4]) {
+  const auto row = [&](int r) {
+    return r < valid ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(packed + (first + r) * row_bytes + k0 / 2))
+                     : _mm_setzero_si128();
+  };
+  __m512i by_lane[4];
+  for (int p = 0; p < 4; ++p)
+    by_lane[p] = _mm512_inserti32x4(
+        _mm512_inserti32x4(_mm512_inserti32x4(_mm512_castsi128_si512(row(p)), row(4 + p), 1), row(8 + p), 2),
+        row(12 + p), 3);
+  const __m512i low01 = _mm512_unpacklo_epi32(by_lane[0], by_lane[1]);
+  const __m512i high01 = _mm512_unpackhi_epi32(by_lane[0], by_lane[1]);
+  const __m512i low23 = _mm512_unpacklo_epi32(by_lane[2], by_lane[3]);
+  const __m512i high23 = _mm512_unpackhi_epi32(by_lane[2], by_lane[3]);
+  columns[0] = _mm512_unpacklo_epi64(low01, low23);
+  columns[1] = _mm512_unpackhi_epi64(low01, low23);
+  columns[2] = _mm512_unpacklo_epi64(high01, high23);
+  columns[3] = _mm512_unpackhi_epi64(high01, high23);
+}
+
+// Weight rows [n0, n0 + rows), rows <= 32, decoded into panel[k * 32 + r] = W[n0 + r, k]; rows from `rows` on
+// are zero. Needs K to be a multiple of the blocksize (and so of 32). In a dword of codes, element 2j sits in
+// the high nibble of byte j and 2j + 1 in the low one, so element e is the dword shifted right by
+// 8 (e / 2) + 4 (1 - e % 2); vpermps reads only the low 4 bits of each index, so no mask is needed. Each
+// value is the table entry times its row's block scale, the same float product as every other decode.
+LOWBIT_AVX512 inline void decode_panel(const Weight4& w, int64_t n0, int64_t rows, float* panel) {
+  const __m512 table = _mm512_loadu_ps(w.table);
+  const int64_t row_bytes = w.K / 2, blocks_per_row = w.K / w.blocksize;
+  for (int half = 0; half < 2; ++half) {
+    const int64_t first = n0 + 16 * half;
+    const int valid = static_cast<int>(std::clamp<int64_t>(rows - 16 * half, 0, 16));
+    __m512 scale = _mm512_setzero_ps();
+    for (int64_t k0 = 0; k0 < w.K; k0 += 32) {
+      if (k0 % w.blocksize == 0) {
+        alignas(64) float scales[16] = {};
+        for (int r = 0; r < valid; ++r) scales[r] = w.scale((first + r) * blocks_per_row + k0 / w.blocksize);
+        scale = _mm512_load_ps(scales);
+      }
+      __m512i columns[4];
+      code_columns(w.packed, row_bytes, first, valid, k0, columns);
+      float* dst = panel + k0 * kPanelRows + 16 * half;
+#pragma GCC unroll 4
+      for (int c = 0; c < 4; ++c)
+#pragma GCC unroll 8
+        for (int e = 0; e < 8; ++e) {
+          const __m512i index = _mm512_srli_epi32(columns[c], 8 * (e / 2) + 4 * (1 - e % 2));
+          _mm512_store_ps(dst + (8 * c + e) * kPanelRows, _mm512_mul_ps(_mm512_permutexvar_ps(index, table), scale));
+        }
+    }
+  }
+}
+
+// out[m, 0:32] = x[m, :] @ panel for the tile's rows; `columns` masks the panel's valid outputs. The sum runs
+// in chunks of kSumChunk k, each from fresh accumulators added to the output: one running sum over all of K
+// rounds K times into the same value, and at K = 1024 erred twice as much as the BLAS GEMM (the reference).
+// Chunks of 128 cut that bound about 7-fold for a load, add and store per accumulator every 128 FMAs.
+constexpr int64_t kSumChunk = 128;
+
+template <int Rows>
+LOWBIT_AVX512 void panel_tile(const float* x, int64_t K, const float* panel, float* out, int64_t ldo,
+                              __mmask16 columns0, __mmask16 columns1) {
+  for (int64_t k0 = 0; k0 < K; k0 += kSumChunk) {
+    __m512 acc[Rows][2];
+    for (int m = 0; m < Rows; ++m) acc[m][0] = acc[m][1] = _mm512_setzero_ps();
+    for (int64_t k = k0; k < std::min(K, k0 + kSumChunk); ++k) {
+      const __m512 w0 = _mm512_load_ps(panel + k * kPanelRows), w1 = _mm512_load_ps(panel + k * kPanelRows + 16);
+      for (int m = 0; m < Rows; ++m) {
+        const __m512 xk = _mm512_set1_ps(x[m * K + k]);
+        acc[m][0] = _mm512_fmadd_ps(xk, w0, acc[m][0]);
+        acc[m][1] = _mm512_fmadd_ps(xk, w1, acc[m][1]);
+      }
+    }
+    for (int m = 0; m < Rows; ++m)
+      for (int v = 0; v < 2; ++v) {
+        float* dst = out + m * ldo + 16 * v;
+        const __mmask16 columns = v == 0 ? columns0 : columns1;
+        if (k0 > 0) acc[m][v] = _mm512_add_ps(acc[m][v], _mm512_maskz_loadu_ps(columns, dst));
+        _mm512_mask_storeu_ps(dst, columns, acc[m][v]);
+      }
+  }
+}
+
+template <int Rows = kMaxTileRows>
+LOWBIT_AVX512 void panel_tile_rows(int rows, const float* x, int64_t K, const float* panel, float* out,
+                                   int64_t ldo, __mmask16 columns0, __mmask16 columns1) {
+  if constexpr (Rows > 1) {
+    if (rows < Rows) return panel_tile_rows<Rows - 1>(rows, x, K, panel, out, ldo, columns0, columns1);
+  }
+  panel_tile<Rows>(x, K, panel, out, ldo, columns0, columns1);
+}
+
+// out = x @ dequant(W).T, x: float32 [M, K], out: float32 [M, N]. Each thread takes an equal share of the
+// panels; each panel is decoded once into the thread's L2 (K x 128 bytes) and all rows of x pass over it in
+// tiles of at most 12, split evenly (64 rows as 11, 11, 11, 11, 10, 10, not 5 x 12 + 4).
+inline void gemm_4bit_avx512(const Weight4& w, const float* x, int64_t M, float* out) {
+  const int64_t panels = (w.N + kPanelRows - 1) / kPanelRows;
+  const int64_t threads = std::max(1, at::get_num_threads());
+  const int64_t tiles = (M + kMaxTileRows - 1) / kMaxTileRows;
+  at::parallel_for(0, panels, (panels + threads - 1) / threads, [&](int64_t p0, int64_t p1) {
+    float* panel = slab_memory(w.K * kPanelRows);
+    for (int64_t p = p0; p < p1; ++p) {
+      const int64_t n0 = p * kPanelRows, rows = std::min(kPanelRows, w.N - n0);
+      decode_panel(w, n0, rows, panel);
+      const auto mask = [](int64_t n) { return static_cast<__mmask16>((1u << std::clamp<int64_t>(n, 0, 16)) - 1); };
+      for (int64_t t = 0; t < tiles; ++t) {
+        const int64_t m0 = t * M / tiles, m1 = (t + 1) * M / tiles;
+        panel_tile_rows(static_cast<int>(m1 - m0), x + m0 * w.K, w.K, panel, out + m0 * w.N + n0, w.N, mask(rows),
+                        mask(rows - 16));
+      }
+    }
+  });
+}
+
+#endif
+
+}  // namespace lowbit
