@@ -82,8 +82,10 @@ LOWBIT_AVX512 inline void decode_panel(const Weight4& w, int64_t n0, int64_t row
 
 // out[m, 0:32] = x[m, :] @ panel for the tile's rows; `columns` masks the panel's valid outputs. The sum runs
 // in chunks of kSumChunk k, each from fresh accumulators added to the output: one running sum over all of K
-// rounds K times into the same value, and at K = 1024 erred twice as much as the BLAS GEMM (the reference).
-// Chunks of 128 cut that bound about 7-fold for a load, add and store per accumulator every 128 FMAs.
+// rounds every k into an ever larger value, and erred up to 3-7x the tolerance (twice the BLAS GEMM's error)
+// at K = 1024-4096. With chunks of 128 the worst of 120 random cases at 16-65 rows and K = 128-4096 was 0.52 of
+// it (0.44-0.50 with chunks of 64, which cost about 2% more time: a load, add and store per accumulator per
+// chunk); 32 cost 8%. Measured 2026-11-29 on a 2-core Sapphire Rapids VM.
 constexpr int64_t kSumChunk = 128;
 
 template <int Rows>
@@ -120,19 +122,23 @@ LOWBIT_AVX512 void panel_tile_rows(int rows, const float* x, int64_t K, const fl
 }
 
 // out = x @ dequant(W).T, x: float32 [M, K], out: float32 [M, N]. Each thread takes an equal share of the
-// panels; each panel is decoded once into the thread's L2 (K x 128 bytes) and all rows of x pass over it in
-// tiles of at most 12, split evenly (64 rows as 11, 11, 11, 11, 10, 10, not 5 x 12 + 4).
+// panels; each panel is decoded once into the thread's L2 (K x 128 bytes) and the rows of x pass over it in tiles
+// of at most 12, split evenly (64 rows as 11, 11, 11, 11, 10, 10, not 5 x 12 + 4). With fewer panels than
+// threads (a narrow weight), x's tiles are split into groups too, and each group decodes its panel again.
 inline void gemm_4bit_avx512(const Weight4& w, const float* x, int64_t M, float* out) {
   const int64_t panels = (w.N + kPanelRows - 1) / kPanelRows;
   const int64_t threads = std::max(1, at::get_num_threads());
   const int64_t tiles = (M + kMaxTileRows - 1) / kMaxTileRows;
-  at::parallel_for(0, panels, (panels + threads - 1) / threads, [&](int64_t p0, int64_t p1) {
+  const int64_t groups = std::clamp<int64_t>(threads / panels, 1, tiles);
+  const int64_t items = panels * groups;
+  at::parallel_for(0, items, (items + threads - 1) / threads, [&](int64_t i0, int64_t i1) {
     float* panel = slab_memory(w.K * kPanelRows);
-    for (int64_t p = p0; p < p1; ++p) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t p = i / groups, group = i % groups;
       const int64_t n0 = p * kPanelRows, rows = std::min(kPanelRows, w.N - n0);
       decode_panel(w, n0, rows, panel);
       const auto mask = [](int64_t n) { return static_cast<__mmask16>((1u << std::clamp<int64_t>(n, 0, 16)) - 1); };
-      for (int64_t t = 0; t < tiles; ++t) {
+      for (int64_t t = group * tiles / groups; t < (group + 1) * tiles / groups; ++t) {
         const int64_t m0 = t * M / tiles, m1 = (t + 1) * M / tiles;
         panel_tile_rows(static_cast<int>(m1 - m0), x + m0 * w.K, w.K, panel, out + m0 * w.N + n0, w.N, mask(rows),
                         mask(rows - 16));

@@ -5,8 +5,10 @@
 //    multiply-adds, so the kernel is bound by memory and by the cost of decoding codes. The
 //    AVX-512 path decodes 16 codes with one vpermps against the 16-entry table held in a
 //    register, and feeds the floats straight into FMAs; nothing is written back.
-//  * many rows (prefill): the work is a real GEMM; dequantize a bounded slab of weight rows
-//    and hand it to the BLAS GEMM, so the dequantization is amortized over all M rows.
+//  * many rows (prefill): the work is a real GEMM. The AVX-512 path decodes panels of 32 weight
+//    rows into its own GEMM's packed layout (cpu/gemm_4bit_avx512.h); the portable path
+//    dequantizes a bounded slab of weight rows and hands it to the BLAS GEMM. Either way the
+//    decoding is amortized over all M rows.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -23,12 +25,15 @@
 namespace lowbit {
 namespace {
 
-// Up to this many rows of x the fused AVX-512 kernel beats dequantize + BLAS GEMM; the portable path switches
-// to the GEMM sooner. Measured 2026-11-29 on a 2-core Sapphire Rapids VM, ratio to fp32 (fused / slab path):
-// at 16 rows 4096 x 4096 1.05x / 0.95x, 576 x 1536 1.28x / 1.02x, 1536 x 576 1.00x / 0.76x; at 32 rows
-// 4096 x 4096 0.68x / 0.88x, 576 x 576 0.55x / 0.69x, 1536 x 576 0.74x / 0.79x; at 24 rows 576 x 1536 0.74x /
-// 1.04x, 4096 x 4096 0.81x / 0.79x.
-constexpr int64_t kMaxFusedRows = 16;
+// Up to this many rows of x the GEMV (which decodes every weight once per 4 rows of x, in registers) takes the
+// call, beyond them the panel GEMM (which decodes it once into memory). The panel GEMM is the faster from 8 rows
+// on, but below 16 rows the reference's BLAS switches to a kernel that sums more accurately than the panel GEMM's
+// chunked running sums (up to 1.7x the tolerance at 9 rows, K = 256); the GEMV's lanes run along K and keep
+// within it. Measured 2026-11-29 on a 2-core Sapphire Rapids VM, in-cache A/B in one process, GEMV / panel GEMM:
+// at 4 rows 576 x 576 29 / 36 us, 4096 x 4096 1.20 / 1.61 ms; at 8 rows 1536 x 576 145 / 108 us; at 16 rows
+// 576 x 576 109 / 80 us, 1536 x 576 232 / 162 us, 4096 x 4096 4.75 / 3.02 ms. The portable path switches to
+// the slab GEMM beyond 8 rows.
+constexpr int64_t kMaxFusedRows = 15;
 constexpr int64_t kMaxPortableGemvRows = 8;
 // Weight rows kept hot while all of x passes over them (16 rows of K=4096 are 32 KiB packed).
 constexpr int64_t kRowTile = 16;
@@ -106,35 +111,6 @@ LOWBIT_AVX512 void gemv_avx512_rows(const Weight4& w, const float* xp, float* ou
   }
 }
 
-// Rows [n0, n1) as floats in natural order, for the GEMM path. Each byte is widened into two lanes (unpack
-// with itself), and a per-lane shift of 4 or 0 brings its high or low nibble to the bottom; vpermps reads only
-// the low 4 bits of an index, so no mask is needed. The table is scaled once per block (16 products, the same
-// ones a multiply per weight would round), so a weight costs no multiply. Natural order costs two more
-// instructions per 16 weights than decoding nibble planes, which the GEMM path pays once per weight, instead
-// of reordering x (M x K floats) on every call, which costs more than the whole decode for small layers at
-// large M.
-LOWBIT_AVX512 inline __m512i nibble_indices(__m128i byte_pairs) {
-  const __m512i high_then_low = _mm512_set_epi32(0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4);
-  return _mm512_srlv_epi32(_mm512_cvtepu8_epi32(byte_pairs), high_then_low);
-}
-
-LOWBIT_AVX512 void decode_rows_avx512(const Weight4& w, int64_t n0, int64_t n1, float* dst) {
-  const __m512 table = _mm512_loadu_ps(w.table);
-  const int64_t blocks_per_row = w.K / w.blocksize;
-  for (int64_t n = n0; n < n1; ++n) {
-    const uint8_t* row = w.packed + n * w.K / 2;
-    float* out = dst + (n - n0) * w.K;
-    for (int64_t b = 0; b < blocks_per_row; ++b) {
-      const __m512 scaled = _mm512_mul_ps(table, _mm512_set1_ps(w.scale(n * blocks_per_row + b)));
-      for (int64_t k = b * w.blocksize; k < (b + 1) * w.blocksize; k += 32) {
-        const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + k / 2));
-        _mm512_storeu_ps(out + k, _mm512_permutexvar_ps(nibble_indices(_mm_unpacklo_epi8(bytes, bytes)), scaled));
-        _mm512_storeu_ps(out + k + 16, _mm512_permutexvar_ps(nibble_indices(_mm_unpackhi_epi8(bytes, bytes)), scaled));
-      }
-    }
-  }
-}
-
 void gemv_avx512(const Weight4& w, const float* x, int64_t M, float* out) {
   std::vector<float> xp(M * w.K);
   deinterleave_x(x, M, w.K, xp.data());
@@ -177,10 +153,8 @@ at::Tensor linear_4bit_cpu(const at::Tensor& x, const at::Tensor& packed, const 
 #if LOWBIT_X86
     } else if (avx512 && M <= kMaxFusedRows) {
       gemv_avx512(w, x2.const_data_ptr<float>(), M, out.data_ptr<float>());
-    } else if (avx512 && !(getenv("LOWBIT_SLAB") && *getenv("LOWBIT_SLAB") == '1')) {
-      gemm_4bit_avx512(w, x2.const_data_ptr<float>(), M, out.data_ptr<float>());
     } else if (avx512) {
-      gemm_slabs(w.N, w.K, x2, out, [&](int64_t n0, int64_t n1, float* dst) { decode_rows_avx512(w, n0, n1, dst); });
+      gemm_4bit_avx512(w, x2.const_data_ptr<float>(), M, out.data_ptr<float>());
 #endif
     } else if (M > kMaxPortableGemvRows) {
       gemm_slabs(w.N, w.K, x2, out, [&](int64_t n0, int64_t n1, float* dst) {
