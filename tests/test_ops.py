@@ -244,6 +244,32 @@ def test_many_rows_over_several_weight_slabs(kernel_device, monkeypatch, op, thr
     assert_close_to_exact(out, ref, x.double() @ Wq.t(), f"{op} {N}x{K} at {M} rows ({threads} threads, {mode})")
 
 
+@pytest.mark.parametrize("threads", [1, 3])
+@pytest.mark.parametrize("double_quant", [False, True])
+@pytest.mark.parametrize(
+    "M, N, K, blocksize",
+    [(16, 17, 64, 64), (17, 5, 32, 32), (40, 33, 160, 32), (64, 200, 576, 64), (100, 48, 1024, 256), (29, 1025, 384, 128)],
+)
+def test_linear_4bit_panel_gemm(monkeypatch, threads, double_quant, M, N, K, blocksize):
+    # From 16 rows on AVX-512 CPUs the weight is decoded in panels of 32 rows and x passes over each in tiles of at
+    # most 12 rows, summing 128 k at a time. Tails everywhere: panels with 5, 17 or 1 valid rows (masked stores, the
+    # other half of the panel empty), tiles of 10-12 rows, K not a multiple of the 128-long sums, blocks of 32 (a new
+    # scale every 32 k) up to 256; with 3 threads and fewer panels than threads, x's tiles are split into groups.
+    monkeypatch.setenv("LOWBIT_CPU_ISA", "avx512")
+    packed, absmax, nested = _quantized(N, K, "nf4", blocksize, double_quant)
+    x = torch.randn(M, K)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out = ops.linear_4bit(x, packed, absmax, blocksize, "nf4", (N, K), None, nested)
+    finally:
+        torch.set_num_threads(previous)
+    ref = reference.linear_4bit(x, packed, absmax, blocksize, "nf4", (N, K), None, nested)
+    scales = absmax if nested is None else nested.decode(absmax)
+    W = reference.dequantize_4bit(packed, scales, blocksize, "nf4", (N, K), torch.float64)
+    assert_close_to_exact(out, ref, x.double() @ W.t(), f"linear_4bit panel GEMM M={M} N={N} K={K}")
+
+
 @pytest.mark.parametrize("M, N, K", [(9, 40, 64), (40, 33, 100), (100, 192, 576), (17, 1024, 1024), (40, 300, 4099),
                                      (100, 2048, 520)])  # fmt: skip
 @pytest.mark.parametrize("scales", ["normal", "wide", "out of the tile range"])
