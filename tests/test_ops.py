@@ -215,12 +215,13 @@ def test_linear_4bit_matches_reference(kernel_device, quant_type, double_quant, 
 @pytest.mark.parametrize("mode", ["grad", "no_grad", "inference_mode"])
 @pytest.mark.parametrize("N, K, M", [(600, 2048, 40), (40, 128, 400), (40, 100, 400)])
 def test_many_rows_over_several_weight_slabs(kernel_device, monkeypatch, op, threads, mode, N, K, M):
-    # The CPU GEMM path gives each thread a share of the weight rows and decodes it in slabs of 4 x the size
-    # of x (600 x 2048 at 40 rows: shares of 200 or 600 rows, in equal slabs of at most 160); a weight that fits
-    # one slab, with 128 rows of x or more per thread (40 x 128 at 400 rows), is decoded whole by every thread,
-    # each taking a share of x's rows. The worker threads' ATen calls must run in the caller's mode (an
-    # inference-mode output cannot be written outside inference mode). AMX is off (int8 weights would take it
-    # instead) unless the portable kernels are forced.
+    # The slab GEMM path (int8 weights without AMX, 4-bit ones with the portable kernels; with AVX-512 the
+    # 4-bit weights take the panel GEMM, which must agree) gives each thread a share of the weight rows and
+    # decodes it in slabs of 4 x the size of x (600 x 2048 at 40 rows: shares of 200 or 600 rows, in equal slabs
+    # of at most 160); a weight that fits one slab, with 128 rows of x or more per thread (40 x 128 at 400 rows),
+    # is decoded whole by every thread, each taking a share of x's rows. The worker threads' ATen calls must run
+    # in the caller's mode (an inference-mode output cannot be written outside inference mode). AMX is off
+    # unless the portable kernels are forced.
     if os.environ.get("LOWBIT_CPU_ISA") != "portable":
         monkeypatch.setenv("LOWBIT_CPU_ISA", "avx512")
     x = torch.randn(M, K, device=kernel_device)

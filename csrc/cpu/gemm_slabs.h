@@ -1,6 +1,7 @@
-// The many-rows path of the CPU linears with a compressed weight: out[:, slab] = x @ W[slab].T, with one
-// slab of weight rows decoded to float32 at a time and handed to the BLAS GEMM, so decoding is amortized
-// over all rows of x and the full-precision weight never exists at once.
+// The many-rows path of the CPU linears with a compressed weight where no kernel of their own multiplies
+// (int8_weight_linear without AMX, linear_4bit without AVX-512): out[:, slab] = x @ W[slab].T, with one slab
+// of weight rows decoded to float32 at a time and handed to the BLAS GEMM, so decoding is amortized over all
+// rows of x and the full-precision weight never exists at once.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -49,7 +50,7 @@ inline void mm_over_halves_of_k(at::Tensor out, const at::Tensor& x, const at::T
 // with a GEMM of its own (single-threaded inside the parallel region). Sharing each slab among the threads
 // instead (decode in parallel, then one threaded GEMM per slab) put a barrier between every decode and GEMM
 // and sent the decoded slab from one core's cache to the other's. Measured 2026-11-29 (2-core Sapphire Rapids
-// VM, NF4, ratio to fp32 F.linear): 1536 x 576 at 64 rows 0.63-0.86x shared / 1.03-1.31x per thread,
+// VM, NF4 with its AVX-512 decode, before the panel GEMM took that path over; ratio to fp32 F.linear): 1536 x 576 at 64 rows 0.63-0.86x shared / 1.03-1.31x per thread,
 // 4096 x 4096 at 512 rows 0.89x / 0.93x. A share is cut into equal slabs (288 rows as 144 + 144, not 256 + 32:
 // 0.89x against 0.79x on 576 x 1536 at 64 rows).
 //
