@@ -245,6 +245,19 @@ def test_many_rows_over_several_weight_slabs(kernel_device, monkeypatch, op, thr
     assert_close_to_exact(out, ref, x.double() @ Wq.t(), f"{op} {N}x{K} at {M} rows ({threads} threads, {mode})")
 
 
+@pytest.mark.parametrize("M", [6, 7, 8, 13, 15])
+@pytest.mark.parametrize("N, K", [(17, 64), (40, 576)])
+def test_linear_4bit_gemv_row_groups(monkeypatch, M, N, K):
+    # Up to 15 rows the AVX-512 GEMV passes over each weight row once per 8 rows of x (13 rows: 8 + 5).
+    monkeypatch.setenv("LOWBIT_CPU_ISA", "avx512")
+    packed, absmax, _ = _quantized(N, K, "nf4", 64, False)
+    x = torch.randn(M, K)
+    out = ops.linear_4bit(x, packed, absmax, 64, "nf4", (N, K))
+    ref = reference.linear_4bit(x, packed, absmax, 64, "nf4", (N, K))
+    W = reference.dequantize_4bit(packed, absmax, 64, "nf4", (N, K), torch.float64)
+    assert_close_to_exact(out, ref, x.double() @ W.t(), f"linear_4bit GEMV M={M} N={N} K={K}")
+
+
 @pytest.mark.parametrize("threads", [1, 3])
 @pytest.mark.parametrize("double_quant", [False, True])
 @pytest.mark.parametrize(

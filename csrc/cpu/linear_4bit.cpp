@@ -25,13 +25,18 @@
 namespace lowbit {
 namespace {
 
-// Up to this many rows of x the GEMV (which decodes every weight once per 4 rows of x, in registers) takes the
+// Rows of x per pass of the GEMV over a weight row: each pass decodes the row again, in registers. 8 rows keep 24
+// accumulators (a sum and two nibble planes per row); against 4, measured 2026-11-29 (in-cache A/B, 2-core
+// Sapphire Rapids VM): 5-15 rows 5-25% faster (576 x 1536 at 5 rows 77 against 100 us, 1536 x 576 at 8 rows 127
+// against 142 us), no shape slower beyond noise.
+constexpr int64_t kGemvRows = 8;
+// Up to this many rows of x the GEMV (which decodes every weight once per 8 rows of x, in registers) takes the
 // call, beyond them the panel GEMM (which decodes it once into memory). The panel GEMM is the faster from 8 rows
 // on, but below 16 rows the reference's BLAS switches to a kernel that sums more accurately than the panel GEMM's
 // chunked running sums (up to 1.7x the tolerance at 9 rows, K = 256); the GEMV's lanes run along K and keep
 // within it. Measured 2026-11-29 on a 2-core Sapphire Rapids VM, in-cache A/B in one process, GEMV / panel GEMM:
-// at 4 rows 576 x 576 29 / 36 us, 4096 x 4096 1.20 / 1.61 ms; at 8 rows 1536 x 576 145 / 108 us; at 16 rows
-// 576 x 576 109 / 80 us, 1536 x 576 232 / 162 us, 4096 x 4096 4.75 / 3.02 ms. The portable path switches to
+// at 4 rows 576 x 576 29 / 36 us, 4096 x 4096 1.20 / 1.61 ms; at 8 rows 1536 x 576 127 / 108 us; at 16 rows
+// (GEMV in passes of 4 rows) 576 x 576 109 / 80 us, 1536 x 576 232 / 162 us, 4096 x 4096 4.75 / 3.02 ms. The portable path switches to
 // the slab GEMM beyond 8 rows.
 constexpr int64_t kMaxFusedRows = 15;
 constexpr int64_t kMaxPortableGemvRows = 8;
@@ -115,18 +120,22 @@ void gemv_avx512(const Weight4& w, const float* x, int64_t M, float* out) {
   std::vector<float> xp(M * w.K);
   deinterleave_x(x, M, w.K, xp.data());
   at::parallel_for(0, w.N, kRowTile, [&](int64_t n0, int64_t n1) {
-    // Every group of 4 x rows passes over a small tile of weight rows before the next tile is
-    // touched, so with M > 4 the packed bytes are re-read from L1/L2, not from memory.
+    // Every group of 8 x rows passes over a small tile of weight rows before the next tile is
+    // touched, so with M > 8 the packed bytes are re-read from L1/L2, not from memory.
     for (int64_t t0 = n0; t0 < n1; t0 += kRowTile) {
       const int64_t t1 = std::min(n1, t0 + kRowTile);
-      for (int64_t m = 0; m < M; m += 4) {
+      for (int64_t m = 0; m < M; m += kGemvRows) {
         const float* xm = xp.data() + m * w.K;
         float* om = out + m * w.N;
-        switch (std::min<int64_t>(4, M - m)) {
+        switch (std::min(kGemvRows, M - m)) {
           case 1: gemv_avx512_rows<1>(w, xm, om, t0, t1); break;
           case 2: gemv_avx512_rows<2>(w, xm, om, t0, t1); break;
           case 3: gemv_avx512_rows<3>(w, xm, om, t0, t1); break;
-          default: gemv_avx512_rows<4>(w, xm, om, t0, t1); break;
+          case 4: gemv_avx512_rows<4>(w, xm, om, t0, t1); break;
+          case 5: gemv_avx512_rows<5>(w, xm, om, t0, t1); break;
+          case 6: gemv_avx512_rows<6>(w, xm, om, t0, t1); break;
+          case 7: gemv_avx512_rows<7>(w, xm, om, t0, t1); break;
+          default: gemv_avx512_rows<8>(w, xm, om, t0, t1); break;
         }
       }
     }
