@@ -215,13 +215,13 @@ def test_linear_4bit_matches_reference(kernel_device, quant_type, double_quant, 
 @pytest.mark.parametrize("mode", ["grad", "no_grad", "inference_mode"])
 @pytest.mark.parametrize("N, K, M", [(600, 2048, 40), (40, 128, 400), (40, 100, 400)])
 def test_many_rows_over_several_weight_slabs(kernel_device, monkeypatch, op, threads, mode, N, K, M):
-    # The slab GEMM path (int8 weights without AMX, 4-bit ones with the portable kernels; with AVX-512 the
-    # 4-bit weights take the panel GEMM, which must agree) gives each thread a share of the weight rows and
-    # decodes it in slabs of 4 x the size of x (600 x 2048 at 40 rows: shares of 200 or 600 rows, in equal slabs
-    # of at most 160); a weight that fits one slab, with 128 rows of x or more per thread (40 x 128 at 400 rows),
-    # is decoded whole by every thread, each taking a share of x's rows. The worker threads' ATen calls must run
-    # in the caller's mode (an inference-mode output cannot be written outside inference mode). AMX is off
-    # unless the portable kernels are forced.
+    # The slab GEMM path (the portable kernels' many-rows path; with AVX-512 the panel GEMM runs instead, and
+    # must agree) gives each thread a share of the weight rows and decodes it in slabs of 4 x the size of x
+    # (600 x 2048 at 40 rows: shares of 200 or 600 rows, in equal slabs of at most 160); a weight that fits one
+    # slab, with 128 rows of x or more per thread (40 x 128 at 400 rows), is decoded whole by every thread, each
+    # taking a share of x's rows. The worker threads' ATen calls must run in the caller's mode (an
+    # inference-mode output cannot be written outside inference mode). AMX is off unless the portable kernels
+    # are forced.
     if os.environ.get("LOWBIT_CPU_ISA") != "portable":
         monkeypatch.setenv("LOWBIT_CPU_ISA", "avx512")
     x = torch.randn(M, K, device=kernel_device)
@@ -282,6 +282,25 @@ def test_linear_4bit_panel_gemm(monkeypatch, threads, double_quant, M, N, K, blo
     scales = absmax if nested is None else nested.decode(absmax)
     W = reference.dequantize_4bit(packed, scales, blocksize, "nf4", (N, K), torch.float64)
     assert_close_to_exact(out, ref, x.double() @ W.t(), f"linear_4bit panel GEMM M={M} N={N} K={K}")
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+@pytest.mark.parametrize("M, N, K", [(17, 5, 16), (40, 33, 100), (29, 64, 7), (100, 48, 1031)])
+def test_int8_weight_linear_panel_gemm(monkeypatch, threads, M, N, K):
+    # Without AMX (forced off here), beyond 16 rows the int8 weight takes the panel GEMM: K not a multiple of 16
+    # (the panel decode's scalar tail; K = 7 is all tail), panels of 5, 33 (1 + 32) and 48 (16 + 32) rows.
+    monkeypatch.setenv("LOWBIT_CPU_ISA", "avx512")
+    CB, SCB, _ = reference.int8_vectorwise_quant(torch.randn(N, K), 0.0)
+    x = torch.randn(M, K)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out = ops.int8_weight_linear(x, CB, SCB)
+    finally:
+        torch.set_num_threads(previous)
+    ref = reference.int8_weight_linear(x, CB, SCB)
+    exact = x.double() @ (CB.double() * (SCB.double() / 127).unsqueeze(1)).t()
+    assert_close_to_exact(out, ref, exact, f"int8_weight_linear panel GEMM M={M} N={N} K={K}")
 
 
 @pytest.mark.parametrize("M, N, K", [(9, 40, 64), (40, 33, 100), (100, 192, 576), (17, 1024, 1024), (40, 300, 4099),

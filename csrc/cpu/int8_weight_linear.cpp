@@ -5,8 +5,8 @@
 // it: 16 int8 weights widened to float32 in registers (vpmovsxbd + vcvtdq2ps), one FMA per row of x, the
 // row scale SCB / 127 applied once per output. Many rows: on a CPU with AMX-BF16, bfloat16 tiles with exact
 // products (amx_int8_weight.h: faster than fp32's own GEMM); otherwise, or for inputs outside the tiles'
-// exact range, decode slabs of weight rows to float32 and call the BLAS GEMM (gemm_slabs), amortizing the
-// decode over the rows.
+// exact range, decode panels of weight rows into lowbit's own AVX-512 GEMM (panel_gemm.h), or without AVX-512
+// slabs for the BLAS GEMM (gemm_slabs.h), amortizing the decode over the rows.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -15,14 +15,15 @@
 #include "cpu/dot.h"
 #include "cpu/gemm_slabs.h"
 #include "cpu/isa.h"
+#include "cpu/panel_gemm.h"
 #include "rows.h"
 #include "validate.h"
 
 namespace lowbit {
 namespace {
 
-// Up to this many rows of x the GEMV kernels run; beyond, the slab GEMM (provisional, as the 4-bit
-// kernel's cut-over, where the fused path wins up to 16 rows).
+// Up to this many rows of x the GEMV kernels run; beyond, the panel GEMM (AVX-512) or the slab GEMM. Below 16
+// rows the reference's BLAS sums more accurately than the panel GEMM's chunked sums (see linear_4bit.cpp).
 constexpr int64_t kMaxGemvRows = 16;
 // Where the CPU has AMX, the tile kernel takes over from the GEMV sooner, at any weight size. Measured
 // 2026-11-29 on a 2-core Sapphire Rapids VM, weights in cache, against fp32 F.linear (AMX / GEMV): at 16 rows
@@ -38,20 +39,33 @@ void decode_rows(const int8_t* CB, const float* scale, int64_t K, int64_t n0, in
 }
 
 #if LOWBIT_X86
-// The same, 16 weights per instruction group (the build targets baseline x86-64, so the loop above
-// vectorizes to SSE2 only).
-LOWBIT_AVX512 void decode_rows_avx512(const int8_t* CB, const float* scale, int64_t K, int64_t n0, int64_t n1,
-                                      float* dst) {
+// Weight rows [n0, n0 + rows), rows <= 32, scaled, for panel_gemm: panel[k * 32 + r] = CB[n0 + r, k] * scale,
+// zero from row `rows` on; the same float products as decode_rows. Byte e of a dword is sign-extended by
+// shifting it to the top and back.
+LOWBIT_AVX512 void decode_int8_panel(const int8_t* CB, const float* scale, int64_t K, int64_t n0, int64_t rows,
+                                     float* panel) {
   const int64_t K16 = K / 16 * 16;
-  for (int64_t n = n0; n < n1; ++n) {
-    const int8_t* row = CB + n * K;
-    float* out = dst + (n - n0) * K;
-    const __m512 s = _mm512_set1_ps(scale[n]);
-    for (int64_t k = 0; k < K16; k += 16) {
-      const __m128i w = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + k));
-      _mm512_storeu_ps(out + k, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(w)), s));
+  for (int half = 0; half < 2; ++half) {
+    const int64_t first = n0 + 16 * half;
+    const int valid = static_cast<int>(std::clamp<int64_t>(rows - 16 * half, 0, 16));
+    alignas(64) float scales[16] = {};
+    for (int r = 0; r < valid; ++r) scales[r] = scale[first + r];
+    const __m512 s = _mm512_load_ps(scales);
+    for (int64_t k0 = 0; k0 < K16; k0 += 16) {
+      __m512i columns[4];
+      byte_columns(reinterpret_cast<const uint8_t*>(CB + first * K + k0), K, valid, columns);
+      float* dst = panel + k0 * kPanelRows + 16 * half;
+#pragma GCC unroll 4
+      for (int c = 0; c < 4; ++c)
+#pragma GCC unroll 4
+        for (int e = 0; e < 4; ++e) {
+          const __m512i value = _mm512_srai_epi32(_mm512_slli_epi32(columns[c], 24 - 8 * e), 24);
+          _mm512_store_ps(dst + (4 * c + e) * kPanelRows, _mm512_mul_ps(_mm512_cvtepi32_ps(value), s));
+        }
     }
-    for (int64_t k = K16; k < K; ++k) out[k] = static_cast<float>(row[k]) * scale[n];
+    for (int64_t k = K16; k < K; ++k)
+      for (int r = 0; r < 16; ++r)
+        panel[k * kPanelRows + 16 * half + r] = r < valid ? static_cast<float>(CB[(first + r) * K + k]) * scales[r] : 0.f;
   }
 }
 #endif
@@ -142,14 +156,14 @@ at::Tensor int8_weight_linear_cpu(const at::Tensor& x, const at::Tensor& CB, con
         amx::int8_weight_gemm(xp, M, cb, s, N, K, out.data_ptr<float>())) {
     } else
 #endif
-    if (M > kMaxGemvRows) {
-      [[maybe_unused]] const bool avx512 = use_avx512();
-      gemm_slabs(N, K, x2, out, [&](int64_t n0, int64_t n1, float* dst) {
 #if LOWBIT_X86
-        if (avx512) return decode_rows_avx512(cb, s, K, n0, n1, dst);
+    if (M > kMaxGemvRows && use_avx512()) {
+      panel_gemm(N, K, xp, M, out.data_ptr<float>(),
+                 [&](int64_t n0, int64_t rows, float* panel) { decode_int8_panel(cb, s, K, n0, rows, panel); });
+    } else
 #endif
-        decode_rows(cb, s, K, n0, n1, dst);
-      });
+    if (M > kMaxGemvRows) {
+      gemm_slabs(N, K, x2, out, [&](int64_t n0, int64_t n1, float* dst) { decode_rows(cb, s, K, n0, n1, dst); });
 #if LOWBIT_X86
     } else if (use_avx512()) {
       gemv_avx512(cb, s, xp, M, N, K, out.data_ptr<float>());

@@ -6,7 +6,7 @@
 //    AVX-512 path decodes 16 codes with one vpermps against the 16-entry table held in a
 //    register, and feeds the floats straight into FMAs; nothing is written back.
 //  * many rows (prefill): the work is a real GEMM. The AVX-512 path decodes panels of 32 weight
-//    rows into its own GEMM's packed layout (cpu/gemm_4bit_avx512.h); the portable path
+//    rows into its own GEMM's packed layout (cpu/panel_gemm.h); the portable path
 //    dequantizes a bounded slab of weight rows and hands it to the BLAS GEMM. Either way the
 //    decoding is amortized over all M rows.
 #include <ATen/ATen.h>
@@ -14,7 +14,7 @@
 #include <torch/library.h>
 
 #include "cpu/dot.h"
-#include "cpu/gemm_4bit_avx512.h"
+#include "cpu/panel_gemm.h"
 #include "cpu/gemm_slabs.h"
 #include "cpu/isa.h"
 #include "formats.h"
@@ -116,6 +116,38 @@ LOWBIT_AVX512 void gemv_avx512_rows(const Weight4& w, const float* xp, float* ou
   }
 }
 
+// Weight rows [n0, n0 + rows), rows <= 32, decoded for panel_gemm: panel[k * 32 + r] = W[n0 + r, k], zero from
+// row `rows` on. Needs K to be a multiple of the blocksize (and so of 32). In a dword of codes, element 2j sits
+// in the high nibble of byte j and 2j + 1 in the low one, so element e is the dword shifted right by
+// 8 (e / 2) + 4 (1 - e % 2); vpermps reads only the low 4 bits of each index, so no mask is needed. Each
+// value is the table entry times its row's block scale, the same float product as every other decode.
+LOWBIT_AVX512 void decode_4bit_panel(const Weight4& w, int64_t n0, int64_t rows, float* panel) {
+  const __m512 table = _mm512_loadu_ps(w.table);
+  const int64_t row_bytes = w.K / 2, blocks_per_row = w.K / w.blocksize;
+  for (int half = 0; half < 2; ++half) {
+    const int64_t first = n0 + 16 * half;
+    const int valid = static_cast<int>(std::clamp<int64_t>(rows - 16 * half, 0, 16));
+    __m512 scale = _mm512_setzero_ps();
+    for (int64_t k0 = 0; k0 < w.K; k0 += 32) {
+      if (k0 % w.blocksize == 0) {
+        alignas(64) float scales[16] = {};
+        for (int r = 0; r < valid; ++r) scales[r] = w.scale((first + r) * blocks_per_row + k0 / w.blocksize);
+        scale = _mm512_load_ps(scales);
+      }
+      __m512i columns[4];
+      byte_columns(w.packed + first * row_bytes + k0 / 2, row_bytes, valid, columns);
+      float* dst = panel + k0 * kPanelRows + 16 * half;
+#pragma GCC unroll 4
+      for (int c = 0; c < 4; ++c)
+#pragma GCC unroll 8
+        for (int e = 0; e < 8; ++e) {
+          const __m512i index = _mm512_srli_epi32(columns[c], 8 * (e / 2) + 4 * (1 - e % 2));
+          _mm512_store_ps(dst + (8 * c + e) * kPanelRows, _mm512_mul_ps(_mm512_permutexvar_ps(index, table), scale));
+        }
+    }
+  }
+}
+
 void gemv_avx512(const Weight4& w, const float* x, int64_t M, float* out) {
   std::vector<float> xp(M * w.K);
   deinterleave_x(x, M, w.K, xp.data());
@@ -163,7 +195,8 @@ at::Tensor linear_4bit_cpu(const at::Tensor& x, const at::Tensor& packed, const 
     } else if (avx512 && M <= kMaxFusedRows) {
       gemv_avx512(w, x2.const_data_ptr<float>(), M, out.data_ptr<float>());
     } else if (avx512) {
-      gemm_4bit_avx512(w, x2.const_data_ptr<float>(), M, out.data_ptr<float>());
+      panel_gemm(N, K, x2.const_data_ptr<float>(), M, out.data_ptr<float>(),
+                 [&](int64_t n0, int64_t rows, float* panel) { decode_4bit_panel(w, n0, rows, panel); });
 #endif
     } else if (M > kMaxPortableGemvRows) {
       gemm_slabs(w.N, w.K, x2, out, [&](int64_t n0, int64_t n1, float* dst) {

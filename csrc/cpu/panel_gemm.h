@@ -1,7 +1,8 @@
-// The many-rows path of linear_4bit on AVX-512 CPUs: a GEMM that decodes the 4-bit codes straight into the
-// layout its inner loop reads. Decoding to a float slab and calling the BLAS GEMM writes every decoded weight
-// once and has the BLAS read and re-pack it; here each panel of 32 weight rows is decoded once, already packed,
-// and every row of x then streams past it.
+// The many-rows path of the CPU linears with a compressed weight on AVX-512 CPUs (linear_4bit's 4-bit codes,
+// int8_weight_linear's int8 rows where AMX does not run): a GEMM whose weight is decoded straight into the
+// layout its inner loop reads. Decoding to a float slab and calling the BLAS GEMM (gemm_slabs.h) writes every
+// decoded weight once and has the BLAS read and re-pack it; here each panel of 32 weight rows is decoded once,
+// already packed, and every row of x then streams past it.
 #pragma once
 
 #include <ATen/Parallel.h>
@@ -10,7 +11,6 @@
 
 #include "cpu/gemm_slabs.h"
 #include "cpu/isa.h"
-#include "formats.h"
 
 namespace lowbit {
 
@@ -22,16 +22,13 @@ namespace lowbit {
 // Vectors run along the output's columns, so the tile is stored as it is: no reduction across lanes.
 constexpr int64_t kPanelRows = 32, kMaxTileRows = 12;
 
-// 16 weight rows [first, first + valid) at k0..k0+31 as four vectors of dwords: vector c, lane r holds the
-// bytes 4c..4c+3 of row r's 16 bytes there (codes of k0 + 8c .. k0 + 8c + 7). Rows from `valid` on read as
-// zero. Loaded so that 128-bit lane L of vector p holds row 4L + p, an in-lane 4 x 4 transpose of dwords
-// brings every row's dword c to lane r of vector c: 16 loads and 8 shuffles for 512 codes, against a gather
-// per vector.
-LOWBIT_AVX512 inline void code_columns(const uint8_t* packed, int64_t row_bytes, int64_t first, int valid,
-                                       int64_t k0, __m512i columns[4]) {
+// 16 bytes of each of 16 weight rows (row r's at rows + r * row_bytes; rows from `valid` on read as zero) as
+// four vectors of dwords: vector c, lane r holds row r's bytes 4c..4c+3. Loaded so that 128-bit lane L of vector
+// p holds row 4L + p, an in-lane 4 x 4 transpose of dwords brings every row's dword c to lane r of vector c: 16
+// loads and 8 shuffles for 256 bytes, against a gather per vector.
+LOWBIT_AVX512 inline void byte_columns(const uint8_t* rows, int64_t row_bytes, int valid, __m512i columns[4]) {
   const auto row = [&](int r) {
-    return r < valid ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(packed + (first + r) * row_bytes + k0 / 2))
-                     : _mm_setzero_si128();
+    return r < valid ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(rows + r * row_bytes)) : _mm_setzero_si128();
   };
   __m512i by_lane[4];
   for (int p = 0; p < 4; ++p)
@@ -46,38 +43,6 @@ LOWBIT_AVX512 inline void code_columns(const uint8_t* packed, int64_t row_bytes,
   columns[1] = _mm512_unpackhi_epi64(low01, low23);
   columns[2] = _mm512_unpacklo_epi64(high01, high23);
   columns[3] = _mm512_unpackhi_epi64(high01, high23);
-}
-
-// Weight rows [n0, n0 + rows), rows <= 32, decoded into panel[k * 32 + r] = W[n0 + r, k]; rows from `rows` on
-// are zero. Needs K to be a multiple of the blocksize (and so of 32). In a dword of codes, element 2j sits in
-// the high nibble of byte j and 2j + 1 in the low one, so element e is the dword shifted right by
-// 8 (e / 2) + 4 (1 - e % 2); vpermps reads only the low 4 bits of each index, so no mask is needed. Each
-// value is the table entry times its row's block scale, the same float product as every other decode.
-LOWBIT_AVX512 inline void decode_panel(const Weight4& w, int64_t n0, int64_t rows, float* panel) {
-  const __m512 table = _mm512_loadu_ps(w.table);
-  const int64_t row_bytes = w.K / 2, blocks_per_row = w.K / w.blocksize;
-  for (int half = 0; half < 2; ++half) {
-    const int64_t first = n0 + 16 * half;
-    const int valid = static_cast<int>(std::clamp<int64_t>(rows - 16 * half, 0, 16));
-    __m512 scale = _mm512_setzero_ps();
-    for (int64_t k0 = 0; k0 < w.K; k0 += 32) {
-      if (k0 % w.blocksize == 0) {
-        alignas(64) float scales[16] = {};
-        for (int r = 0; r < valid; ++r) scales[r] = w.scale((first + r) * blocks_per_row + k0 / w.blocksize);
-        scale = _mm512_load_ps(scales);
-      }
-      __m512i columns[4];
-      code_columns(w.packed, row_bytes, first, valid, k0, columns);
-      float* dst = panel + k0 * kPanelRows + 16 * half;
-#pragma GCC unroll 4
-      for (int c = 0; c < 4; ++c)
-#pragma GCC unroll 8
-        for (int e = 0; e < 8; ++e) {
-          const __m512i index = _mm512_srli_epi32(columns[c], 8 * (e / 2) + 4 * (1 - e % 2));
-          _mm512_store_ps(dst + (8 * c + e) * kPanelRows, _mm512_mul_ps(_mm512_permutexvar_ps(index, table), scale));
-        }
-    }
-  }
 }
 
 // out[m, 0:32] = x[m, :] @ panel for the tile's rows; `columns` masks the panel's valid outputs. The sum runs
@@ -121,26 +86,29 @@ LOWBIT_AVX512 void panel_tile_rows(int rows, const float* x, int64_t K, const fl
   panel_tile<Rows>(x, K, panel, out, ldo, columns0, columns1);
 }
 
-// out = x @ dequant(W).T, x: float32 [M, K], out: float32 [M, N]. Each thread takes an equal share of the
-// panels; each panel is decoded once into the thread's L2 (K x 128 bytes) and the rows of x pass over it in tiles
-// of at most 12, split evenly (64 rows as 11, 11, 11, 11, 10, 10, not 5 x 12 + 4). With fewer panels than
-// threads (a narrow weight), x's tiles are split into groups too, and each group decodes its panel again.
-inline void gemm_4bit_avx512(const Weight4& w, const float* x, int64_t M, float* out) {
-  const int64_t panels = (w.N + kPanelRows - 1) / kPanelRows;
+// out = x @ W.T, x: float32 [M, K], out: float32 [M, N]; decode(n0, rows, panel) writes weight rows
+// [n0, n0 + rows), rows <= 32, as panel[k * 32 + r] = W[n0 + r, k] and zeros from row `rows` on. Each thread
+// takes an equal share of the panels; each panel is decoded once into the thread's L2 (K x 128 bytes) and the
+// rows of x pass over it in tiles of at most 12, split evenly (64 rows as 11, 11, 11, 11, 10, 10, not 5 x 12 +
+// 4). With fewer panels than threads (a narrow weight), x's tiles are split into groups too, and each group
+// decodes its panel again.
+template <typename DecodePanel>
+void panel_gemm(int64_t N, int64_t K, const float* x, int64_t M, float* out, const DecodePanel& decode) {
+  const int64_t panels = (N + kPanelRows - 1) / kPanelRows;
   const int64_t threads = std::max(1, at::get_num_threads());
   const int64_t tiles = (M + kMaxTileRows - 1) / kMaxTileRows;
   const int64_t groups = std::clamp<int64_t>(threads / panels, 1, tiles);
   const int64_t items = panels * groups;
   at::parallel_for(0, items, (items + threads - 1) / threads, [&](int64_t i0, int64_t i1) {
-    float* panel = slab_memory(w.K * kPanelRows);
+    float* panel = slab_memory(K * kPanelRows);
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t p = i / groups, group = i % groups;
-      const int64_t n0 = p * kPanelRows, rows = std::min(kPanelRows, w.N - n0);
-      decode_panel(w, n0, rows, panel);
+      const int64_t n0 = p * kPanelRows, rows = std::min(kPanelRows, N - n0);
+      decode(n0, rows, panel);
       const auto mask = [](int64_t n) { return static_cast<__mmask16>((1u << std::clamp<int64_t>(n, 0, 16)) - 1); };
       for (int64_t t = group * tiles / groups; t < (group + 1) * tiles / groups; ++t) {
         const int64_t m0 = t * M / tiles, m1 = (t + 1) * M / tiles;
-        panel_tile_rows(static_cast<int>(m1 - m0), x + m0 * w.K, w.K, panel, out + m0 * w.N + n0, w.N, mask(rows),
+        panel_tile_rows(static_cast<int>(m1 - m0), x + m0 * K, K, panel, out + m0 * N + n0, N, mask(rows),
                         mask(rows - 16));
       }
     }
