@@ -262,8 +262,9 @@ def test_linear_4bit_gemv_row_groups(monkeypatch, M, N, K):
 @pytest.mark.parametrize("double_quant", [False, True])
 @pytest.mark.parametrize(
     "M, N, K, blocksize",
-    [(16, 17, 64, 64), (17, 5, 32, 32), (40, 33, 160, 32), (64, 200, 576, 64), (100, 48, 1024, 256), (29, 1025, 384, 128)],
-)
+    [(16, 17, 64, 64), (17, 5, 32, 32), (40, 33, 160, 32), (64, 200, 576, 64), (100, 48, 1024, 256),
+     (29, 1025, 384, 128)],
+)  # fmt: skip
 def test_linear_4bit_panel_gemm(monkeypatch, threads, double_quant, M, N, K, blocksize):
     # From 16 rows on AVX-512 CPUs the weight is decoded in panels of 32 rows and x passes over each in tiles of at
     # most 12 rows, summing 128 k at a time. Tails everywhere: panels with 5, 17 or 1 valid rows (masked stores, the

@@ -50,9 +50,10 @@ inline void mm_over_halves_of_k(at::Tensor out, const at::Tensor& x, const at::T
 // with a GEMM of its own (single-threaded inside the parallel region). Sharing each slab among the threads
 // instead (decode in parallel, then one threaded GEMM per slab) put a barrier between every decode and GEMM
 // and sent the decoded slab from one core's cache to the other's. Measured 2026-11-29 (2-core Sapphire Rapids
-// VM, NF4 with its AVX-512 decode, before the panel GEMM took that path over; ratio to fp32 F.linear): 1536 x 576 at 64 rows 0.63-0.86x shared / 1.03-1.31x per thread,
-// 4096 x 4096 at 512 rows 0.89x / 0.93x. A share is cut into equal slabs (288 rows as 144 + 144, not 256 + 32:
-// 0.89x against 0.79x on 576 x 1536 at 64 rows).
+// VM, NF4 with its AVX-512 decode, before the panel GEMM took that path over; ratio to fp32 F.linear):
+// 1536 x 576 at 64 rows 0.63-0.86x shared / 1.03-1.31x per thread, 4096 x 4096 at 512 rows 0.89x / 0.93x. A
+// share is cut into equal slabs (288 rows as 144 + 144, not 256 + 32: 0.89x against 0.79x on 576 x 1536 at 64
+// rows).
 //
 // A weight that fits one slab with many rows of x is split the other way: every thread decodes all of it and
 // multiplies its own share of x's rows, since halving a narrow weight (192 rows) costs the GEMM more than a

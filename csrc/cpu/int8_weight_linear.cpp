@@ -65,7 +65,8 @@ LOWBIT_AVX512 void decode_int8_panel(const int8_t* CB, const float* scale, int64
     }
     for (int64_t k = K16; k < K; ++k)
       for (int r = 0; r < 16; ++r)
-        panel[k * kPanelRows + 16 * half + r] = r < valid ? static_cast<float>(CB[(first + r) * K + k]) * scales[r] : 0.f;
+        panel[k * kPanelRows + 16 * half + r] =
+            r < valid ? static_cast<float>(CB[(first + r) * K + k]) * scales[r] : 0.f;
   }
 }
 #endif

@@ -14,9 +14,9 @@
 #include <torch/library.h>
 
 #include "cpu/dot.h"
-#include "cpu/panel_gemm.h"
 #include "cpu/gemm_slabs.h"
 #include "cpu/isa.h"
+#include "cpu/panel_gemm.h"
 #include "formats.h"
 #include "rows.h"
 #include "validate.h"
@@ -35,9 +35,9 @@ constexpr int64_t kGemvRows = 8;
 // on, but below 16 rows the reference's BLAS switches to a kernel that sums more accurately than the panel GEMM's
 // chunked running sums (up to 1.7x the tolerance at 9 rows, K = 256); the GEMV's lanes run along K and keep
 // within it. Measured 2026-11-29 on a 2-core Sapphire Rapids VM, in-cache A/B in one process, GEMV / panel GEMM:
-// at 4 rows 576 x 576 29 / 36 us, 4096 x 4096 1.20 / 1.61 ms; at 8 rows 1536 x 576 127 / 108 us; at 16 rows
-// (GEMV in passes of 4 rows) 576 x 576 109 / 80 us, 1536 x 576 232 / 162 us, 4096 x 4096 4.75 / 3.02 ms. The portable path switches to
-// the slab GEMM beyond 8 rows.
+// at 4 rows 576 x 576 29 / 36 us, 4096 x 4096 1.20 / 1.61 ms; at 8 rows 1536 x 576 127 / 108 us; at 16 rows (GEMV
+// in passes of 4 rows) 576 x 576 109 / 80 us, 1536 x 576 232 / 162 us, 4096 x 4096 4.75 / 3.02 ms. The portable
+// path switches to the slab GEMM beyond 8 rows.
 constexpr int64_t kMaxFusedRows = 15;
 constexpr int64_t kMaxPortableGemvRows = 8;
 // Weight rows kept hot while all of x passes over them (16 rows of K=4096 are 32 KiB packed).
