@@ -1,5 +1,7 @@
 """Shared device list, sizes and tolerance helpers for the op and layer tests."""
 
+import contextlib
+
 import pytest
 import torch
 
@@ -38,6 +40,25 @@ def assert_close_to_exact(out: torch.Tensor, ref: torch.Tensor, exact: torch.Ten
     ref_err = (ref.double() - exact).abs().max().item()
     ulp = torch.finfo(out.dtype).eps * exact.abs().max().item()
     assert err <= 2 * ref_err + ulp, f"{what}: error {err:.3g} vs reference error {ref_err:.3g} (+ulp {ulp:.3g})"
+
+
+def linear_4bit_exact(x: torch.Tensor, packed, absmax, blocksize: int, quant_type: str, shape, nested=None, bias=None):
+    """The float64 truth of linear_4bit: x times the dequantized weight (nested scales decoded first)."""
+    scales = absmax if nested is None else nested.decode(absmax)
+    W = reference.dequantize_4bit(packed, scales, blocksize, quant_type, shape, torch.float64)
+    exact = x.double() @ W.t()
+    return exact if bias is None else exact + bias.double()
+
+
+@contextlib.contextmanager
+def cpu_threads(n: int):
+    """torch's CPU thread count set to n inside the block, restored after it."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def int8_linear_exact(x: torch.Tensor, CB: torch.Tensor, SCB: torch.Tensor, threshold: float, bias=None):

@@ -11,7 +11,9 @@ from helpers import (
     ROWS,
     SIZES,
     assert_close_to_exact,
+    cpu_threads,
     int8_linear_exact,
+    linear_4bit_exact,
     op_cases,
 )
 
@@ -204,9 +206,7 @@ def test_linear_4bit_matches_reference(kernel_device, quant_type, double_quant, 
     bias = torch.randn(N, device=kernel_device).to(dtype)
     out = ops.linear_4bit(x, packed, absmax, blocksize, quant_type, (N, K), bias, nested)
     ref = reference.linear_4bit(x, packed, absmax, blocksize, quant_type, (N, K), bias, nested)
-    scales = absmax if nested is None else nested.decode(absmax)
-    W = reference.dequantize_4bit(packed, scales, blocksize, quant_type, (N, K), torch.float64)
-    exact = x.double() @ W.t() + bias.double()
+    exact = linear_4bit_exact(x, packed, absmax, blocksize, quant_type, (N, K), nested, bias)
     assert_close_to_exact(out, ref, exact, f"linear_4bit M={M} K={K}")
 
 
@@ -226,10 +226,8 @@ def test_many_rows_over_several_weight_slabs(kernel_device, monkeypatch, op, thr
         monkeypatch.setenv("LOWBIT_CPU_ISA", "avx512")
     x = torch.randn(M, K, device=kernel_device)
     W = torch.randn(N, K, device=kernel_device)
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
     context = {"grad": torch.enable_grad, "no_grad": torch.no_grad, "inference_mode": torch.inference_mode}[mode]
-    try:
+    with cpu_threads(threads):
         with context():
             if op == "linear_4bit":
                 packed, absmax = ops.quantize_4bit(W, 64, "nf4")
@@ -240,8 +238,6 @@ def test_many_rows_over_several_weight_slabs(kernel_device, monkeypatch, op, thr
                 CB, SCB, _ = reference.int8_vectorwise_quant(W, 0.0)
                 out, ref = ops.int8_weight_linear(x, CB, SCB), reference.int8_weight_linear(x, CB, SCB)
                 Wq = CB.double() * (SCB.double() / 127).unsqueeze(1)
-    finally:
-        torch.set_num_threads(previous)
     assert_close_to_exact(out, ref, x.double() @ Wq.t(), f"{op} {N}x{K} at {M} rows ({threads} threads, {mode})")
 
 
@@ -254,8 +250,8 @@ def test_linear_4bit_gemv_row_groups(monkeypatch, M, N, K):
     x = torch.randn(M, K)
     out = ops.linear_4bit(x, packed, absmax, 64, "nf4", (N, K))
     ref = reference.linear_4bit(x, packed, absmax, 64, "nf4", (N, K))
-    W = reference.dequantize_4bit(packed, absmax, 64, "nf4", (N, K), torch.float64)
-    assert_close_to_exact(out, ref, x.double() @ W.t(), f"linear_4bit GEMV M={M} N={N} K={K}")
+    exact = linear_4bit_exact(x, packed, absmax, 64, "nf4", (N, K))
+    assert_close_to_exact(out, ref, exact, f"linear_4bit GEMV M={M} N={N} K={K}")
 
 
 @pytest.mark.parametrize("threads", [1, 3])
@@ -273,16 +269,11 @@ def test_linear_4bit_panel_gemm(monkeypatch, threads, double_quant, M, N, K, blo
     monkeypatch.setenv("LOWBIT_CPU_ISA", "avx512")
     packed, absmax, nested = _quantized(N, K, "nf4", blocksize, double_quant)
     x = torch.randn(M, K)
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with cpu_threads(threads):
         out = ops.linear_4bit(x, packed, absmax, blocksize, "nf4", (N, K), None, nested)
-    finally:
-        torch.set_num_threads(previous)
     ref = reference.linear_4bit(x, packed, absmax, blocksize, "nf4", (N, K), None, nested)
-    scales = absmax if nested is None else nested.decode(absmax)
-    W = reference.dequantize_4bit(packed, scales, blocksize, "nf4", (N, K), torch.float64)
-    assert_close_to_exact(out, ref, x.double() @ W.t(), f"linear_4bit panel GEMM M={M} N={N} K={K}")
+    exact = linear_4bit_exact(x, packed, absmax, blocksize, "nf4", (N, K), nested)
+    assert_close_to_exact(out, ref, exact, f"linear_4bit panel GEMM M={M} N={N} K={K}")
 
 
 @pytest.mark.parametrize("threads", [1, 3])
@@ -293,12 +284,8 @@ def test_int8_weight_linear_panel_gemm(monkeypatch, threads, M, N, K):
     monkeypatch.setenv("LOWBIT_CPU_ISA", "avx512")
     CB, SCB, _ = reference.int8_vectorwise_quant(torch.randn(N, K), 0.0)
     x = torch.randn(M, K)
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with cpu_threads(threads):
         out = ops.int8_weight_linear(x, CB, SCB)
-    finally:
-        torch.set_num_threads(previous)
     ref = reference.int8_weight_linear(x, CB, SCB)
     exact = x.double() @ (CB.double() * (SCB.double() / 127).unsqueeze(1)).t()
     assert_close_to_exact(out, ref, exact, f"int8_weight_linear panel GEMM M={M} N={N} K={K}")

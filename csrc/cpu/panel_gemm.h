@@ -105,11 +105,12 @@ void panel_gemm(int64_t N, int64_t K, const float* x, int64_t M, float* out, con
       const int64_t p = i / groups, group = i % groups;
       const int64_t n0 = p * kPanelRows, rows = std::min(kPanelRows, N - n0);
       decode(n0, rows, panel);
+      // The panel's valid outputs in each of its two vectors.
       const auto mask = [](int64_t n) { return static_cast<__mmask16>((1u << std::clamp<int64_t>(n, 0, 16)) - 1); };
+      const __mmask16 columns0 = mask(rows), columns1 = mask(rows - 16);
       for (int64_t t = group * tiles / groups; t < (group + 1) * tiles / groups; ++t) {
         const int64_t m0 = t * M / tiles, m1 = (t + 1) * M / tiles;
-        panel_tile_rows(static_cast<int>(m1 - m0), x + m0 * K, K, panel, out + m0 * N + n0, N, mask(rows),
-                        mask(rows - 16));
+        panel_tile_rows(static_cast<int>(m1 - m0), x + m0 * K, K, panel, out + m0 * N + n0, N, columns0, columns1);
       }
     }
   });
