@@ -3,6 +3,10 @@
 // tensors run) are in csrc/meta.cpp; autograd is in python/lowbit/ops.py.
 #include <torch/library.h>
 
+#include <string>
+
+#include "cpu/isa.h"
+
 TORCH_LIBRARY(lowbit, m) {
   // 4-bit blockwise (NF4 / FP4). A is flattened row-major; one float32 absmax per block.
   // Returns (packed uint8 [(numel + 1) / 2, 1], absmax float32 [ceil(numel / blocksize)]).
@@ -39,4 +43,7 @@ TORCH_LIBRARY(lowbit, m) {
   // y = x @ (CB * SCB / 127).T + bias: the same int8 weight, with activations kept in floating point
   // (weight-only int8, W8A16): no activation rounding, no outlier columns.
   m.def("int8_weight_linear(Tensor x, Tensor CB, Tensor SCB, Tensor? bias=None) -> Tensor");
+
+  // The instruction set the CPU kernels use for calls made now: amx, avx512, avx2 or portable (csrc/cpu/isa.h).
+  m.def("cpu_isa() -> str", [] { return std::string(lowbit::isa_name(lowbit::cpu_isa())); });
 }

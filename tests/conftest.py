@@ -15,12 +15,17 @@ def device(request):
     return request.param
 
 
-@pytest.fixture(params=[DEVICES[0], pytest.param("cpu-portable", id="cpu-portable"), DEVICES[1]])
+@pytest.fixture(params=[DEVICES[0], pytest.param("cpu-avx2", id="cpu-avx2"), pytest.param("cpu-portable", id="cpu-portable"),
+                        DEVICES[1]])  # fmt: skip
 def kernel_device(request, monkeypatch):
-    """Like `device`, plus the CPU once more with its portable kernels forced (LOWBIT_CPU_ISA=portable),
-    so the AVX-512 and the portable paths are both held to the reference."""
-    if request.param == "cpu-portable":
-        monkeypatch.setenv("LOWBIT_CPU_ISA", "portable")
+    """Like `device`, plus the CPU once more for each lower kernel path it can run (LOWBIT_CPU_ISA=avx2, portable),
+    so every path this CPU can take is held to the reference: on an AVX-512 machine the AVX-512 (and AMX) kernels,
+    the AVX2 ones and the portable ones."""
+    if request.param.startswith("cpu-"):
+        isa = request.param.removeprefix("cpu-")
+        monkeypatch.setenv("LOWBIT_CPU_ISA", isa)
+        if torch.ops.lowbit.cpu_isa() != isa:
+            pytest.skip(f"this CPU cannot run lowbit's {isa} kernels (it runs {torch.ops.lowbit.cpu_isa()})")
         return "cpu"
     return request.param
 

@@ -29,28 +29,11 @@
 #include "cpu/isa.h"
 
 #if LOWBIT_X86
-#include <cpuid.h>
-#include <sys/syscall.h>
-#include <unistd.h>
-
 #define LOWBIT_AMX __attribute__((target("avx512f,avx512bw,amx-tile,amx-bf16")))
 
 namespace lowbit {
 
-// Whether AMX-BF16 may run: the CPU has it, Linux granted this process the tile state (a process must ask
-// once, arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)), and LOWBIT_CPU_ISA is not "portable" or
-// "avx512" (which tests use to reach the other paths).
-inline bool use_amx_bf16() {
-  static const bool granted = [] {
-    unsigned a, b, c, d;
-    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
-    constexpr unsigned kAmxBf16 = 1u << 22, kAmxTile = 1u << 24;
-    constexpr long kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
-    return (d & kAmxBf16) && (d & kAmxTile) && syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
-  }();
-  const char* forced = std::getenv("LOWBIT_CPU_ISA");
-  return granted && use_avx512() && !(forced && std::strcmp(forced, "avx512") == 0);
-}
+inline bool use_amx_bf16() { return cpu_isa() == CpuIsa::amx; }
 
 namespace amx {
 

@@ -12,6 +12,7 @@
 #include <torch/library.h>
 
 #include "cpu/amx_int8_weight.h"
+#include "cpu/avx2.h"
 #include "cpu/dot.h"
 #include "cpu/gemm_slabs.h"
 #include "cpu/isa.h"
@@ -136,6 +137,74 @@ void gemv_avx512(const int8_t* CB, const float* scale, const float* x, int64_t M
     }
   });
 }
+
+// AVX2: the same GEMV with 8 weights per step (vpmovsxbd + vcvtdq2ps), MT <= 4 rows of x, each with 4 / MT
+// accumulators for the same reason as above; AVX2's 16 registers hold 4 rows' accumulators, the weights and x.
+LOWBIT_AVX2 inline __m256 int8x8_to_float(const int8_t* p) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
+
+template <int MT>
+LOWBIT_AVX2 void gemv_avx2_rows(const int8_t* CB, const float* scale, const float* x, int64_t N, int64_t K,
+                                float* out, int64_t n0, int64_t n1) {
+  constexpr int U = MT >= 3 ? 1 : 4 / MT;
+  const int64_t K_unrolled = K / (8 * U) * (8 * U), K8 = K / 8 * 8;
+  for (int64_t n = n0; n < n1; ++n) {
+    const int8_t* row = CB + n * K;
+    __m256 acc[MT][U];
+    for (int m = 0; m < MT; ++m)
+      for (int u = 0; u < U; ++u) acc[m][u] = _mm256_setzero_ps();
+    for (int64_t k = 0; k < K_unrolled; k += 8 * U) {
+      _mm_prefetch(reinterpret_cast<const char*>(row + k) + kPrefetchBytes, _MM_HINT_T0);
+      for (int u = 0; u < U; ++u) {
+        const __m256 w = int8x8_to_float(row + k + 8 * u);
+        for (int m = 0; m < MT; ++m) acc[m][u] = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + m * K + k + 8 * u), acc[m][u]);
+      }
+    }
+    for (int64_t k = K_unrolled; k < K8; k += 8) {
+      const __m256 w = int8x8_to_float(row + k);
+      for (int m = 0; m < MT; ++m) acc[m][0] = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + m * K + k), acc[m][0]);
+    }
+    for (int m = 0; m < MT; ++m) {
+      for (int u = 1; u < U; ++u) acc[m][0] = _mm256_add_ps(acc[m][0], acc[m][u]);
+      float total = horizontal_sum(acc[m][0]);
+      for (int64_t k = K8; k < K; ++k) total += static_cast<float>(row[k]) * x[m * K + k];
+      out[m * N + n] = total * scale[n];
+    }
+  }
+}
+
+// Every group of 4 rows of x passes over a tile of 16 weight rows before the next tile is read, so from 5 rows on
+// the weight is re-read from L1/L2, not from memory (16 rows of K = 4096 are 64 KiB).
+void gemv_avx2(const int8_t* CB, const float* scale, const float* x, int64_t M, int64_t N, int64_t K, float* out) {
+  constexpr int64_t kRowTile = 16;
+  at::parallel_for(0, N, kRowTile, [&](int64_t n0, int64_t n1) {
+    for (int64_t t0 = n0; t0 < n1; t0 += kRowTile) {
+      const int64_t t1 = std::min(n1, t0 + kRowTile);
+      for (int64_t m = 0; m < M; m += 4) {
+        const float* xm = x + m * K;
+        float* om = out + m * N;
+        switch (std::min<int64_t>(4, M - m)) {
+          case 1: gemv_avx2_rows<1>(CB, scale, xm, N, K, om, t0, t1); break;
+          case 2: gemv_avx2_rows<2>(CB, scale, xm, N, K, om, t0, t1); break;
+          case 3: gemv_avx2_rows<3>(CB, scale, xm, N, K, om, t0, t1); break;
+          default: gemv_avx2_rows<4>(CB, scale, xm, N, K, om, t0, t1); break;
+        }
+      }
+    }
+  });
+}
+
+// decode_rows for the slab GEMM, 8 weights per step.
+LOWBIT_AVX2 void decode_rows_avx2(const int8_t* CB, const float* scale, int64_t K, int64_t n0, int64_t n1, float* dst) {
+  const int64_t K8 = K / 8 * 8;
+  for (int64_t n = n0; n < n1; ++n) {
+    const __m256 s = _mm256_set1_ps(scale[n]);
+    float* d = dst + (n - n0) * K;
+    for (int64_t k = 0; k < K8; k += 8) _mm256_storeu_ps(d + k, _mm256_mul_ps(int8x8_to_float(CB + n * K + k), s));
+    for (int64_t k = K8; k < K; ++k) d[k] = static_cast<float>(CB[n * K + k]) * scale[n];
+  }
+}
 #endif
 
 at::Tensor int8_weight_linear_cpu(const at::Tensor& x, const at::Tensor& CB, const at::Tensor& SCB,
@@ -161,6 +230,8 @@ at::Tensor int8_weight_linear_cpu(const at::Tensor& x, const at::Tensor& CB, con
     if (M > kMaxGemvRows && use_avx512()) {
       panel_gemm(N, K, xp, M, out.data_ptr<float>(),
                  [&](int64_t n0, int64_t rows, float* panel) { decode_int8_panel(cb, s, K, n0, rows, panel); });
+    } else if (M > kMaxGemvRows && use_avx2()) {
+      gemm_slabs(N, K, x2, out, [&](int64_t n0, int64_t n1, float* dst) { decode_rows_avx2(cb, s, K, n0, n1, dst); });
     } else
 #endif
     if (M > kMaxGemvRows) {
@@ -168,6 +239,8 @@ at::Tensor int8_weight_linear_cpu(const at::Tensor& x, const at::Tensor& CB, con
 #if LOWBIT_X86
     } else if (use_avx512()) {
       gemv_avx512(cb, s, xp, M, N, K, out.data_ptr<float>());
+    } else if (use_avx2()) {
+      gemv_avx2(cb, s, xp, M, N, K, out.data_ptr<float>());
 #endif
     } else {
       gemv_portable(cb, s, xp, M, N, K, out.data_ptr<float>());

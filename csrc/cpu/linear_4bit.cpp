@@ -13,9 +13,12 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <cstring>
+
 #include "cpu/dot.h"
 #include "cpu/gemm_slabs.h"
 #include "cpu/isa.h"
+#include "cpu/nibbles_avx2.h"
 #include "cpu/panel_gemm.h"
 #include "formats.h"
 #include "rows.h"
@@ -40,6 +43,9 @@ constexpr int64_t kGemvRows = 8;
 // path switches to the slab GEMM beyond 8 rows.
 constexpr int64_t kMaxFusedRows = 15;
 constexpr int64_t kMaxPortableGemvRows = 8;
+// The AVX2 GEMV takes 4 rows of x per pass (AVX2 has 16 vector registers: 4 rows' block sums and totals, the two
+// table halves and the decoded weights fill them) and hands over to the slab GEMM beyond kMaxAvx2GemvRows.
+constexpr int64_t kAvx2GemvRows = 4, kMaxAvx2GemvRows = 15;
 // Weight rows kept hot while all of x passes over them (16 rows of K=4096 are 32 KiB packed).
 constexpr int64_t kRowTile = 16;
 // How far ahead of the FMAs the GEMV asks for packed weight bytes: left to the hardware prefetcher, one thread
@@ -173,6 +179,117 @@ void gemv_avx512(const Weight4& w, const float* x, int64_t M, float* out) {
     }
   });
 }
+
+// AVX2 GEMV. AVX2's vpermps indexes only 8 floats, so a 16-entry lookup there is two permutes and a blend per
+// 8 weights, all but the blend on the one shuffle port of older cores: about 2 weights per cycle, measured 2026-12-05
+// (1.4 ms for 4096 x 4096 at M = 1 on 2 cores, decode-bound at a fifth of the memory's bandwidth). vpshufb instead
+// looks up 32 bytes at once in a 16-byte table: with the table's float32 values cut into 4 byte planes, 4 vpshufb
+// look up 32 codes, and 8 in-lane unpacks (which newer cores run on two ports) reassemble the bytes into 32 floats,
+// in an order of their own that x is permuted to once per call (permute_x_for_planes). Values are the table's
+// unscaled; a block's products are summed apart and scaled once, as the AVX-512 GEMV does.
+struct BytePlanes {
+  __m256i plane[4];  // plane[j]: byte j of each of the 16 table entries, in both 128-bit halves
+};
+
+LOWBIT_AVX2 BytePlanes byte_planes(const float* table) {
+  alignas(16) uint8_t bytes[4][16];
+  for (int c = 0; c < 16; ++c) {
+    uint32_t bits;
+    std::memcpy(&bits, table + c, 4);
+    for (int j = 0; j < 4; ++j) bytes[j][c] = static_cast<uint8_t>(bits >> (8 * j));
+  }
+  BytePlanes t;
+  for (int j = 0; j < 4; ++j) t.plane[j] = _mm256_broadcastsi128_si256(_mm_load_si128(reinterpret_cast<const __m128i*>(bytes[j])));
+  return t;
+}
+
+// The 32 codes of 16 packed bytes as 4 vectors of table values. The high nibbles (even elements) go to the low
+// 128-bit half, the low nibbles (odd elements) to the high half; byte unpacks then 16-bit unpacks leave in v[i],
+// half h, position p the value of element 8i + 2p + h.
+LOWBIT_AVX2 inline void decode32(const uint8_t* bytes, const BytePlanes& t, __m256 v[4]) {
+  const __m128i packed = _mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes));
+  const __m128i nibble = _mm_set1_epi8(0x0F);
+  const __m256i codes = _mm256_set_m128i(_mm_and_si128(packed, nibble), _mm_and_si128(_mm_srli_epi16(packed, 4), nibble));
+  __m256i b[4];
+  for (int j = 0; j < 4; ++j) b[j] = _mm256_shuffle_epi8(t.plane[j], codes);
+  const __m256i low01 = _mm256_unpacklo_epi8(b[0], b[1]), high01 = _mm256_unpackhi_epi8(b[0], b[1]);
+  const __m256i low23 = _mm256_unpacklo_epi8(b[2], b[3]), high23 = _mm256_unpackhi_epi8(b[2], b[3]);
+  v[0] = _mm256_castsi256_ps(_mm256_unpacklo_epi16(low01, low23));
+  v[1] = _mm256_castsi256_ps(_mm256_unpackhi_epi16(low01, low23));
+  v[2] = _mm256_castsi256_ps(_mm256_unpacklo_epi16(high01, high23));
+  v[3] = _mm256_castsi256_ps(_mm256_unpackhi_epi16(high01, high23));
+}
+
+// x's rows in decode32's order: within each 32-element chunk, xp[8i + 4h + p] = x[8i + 2p + h].
+void permute_x_for_planes(const float* x, int64_t M, int64_t K, float* xp) {
+  for (int64_t r = 0; r < M * K; r += 32)
+    for (int i = 0; i < 4; ++i)
+      for (int h = 0; h < 2; ++h)
+        for (int p = 0; p < 4; ++p) xp[r + 8 * i + 4 * h + p] = x[r + 8 * i + 2 * p + h];
+}
+
+// MT rows of x at a time; U chains of FMAs per row (an FMA's 4-cycle latency would bound a single chain to 8
+// weights per 4 cycles).
+template <int MT>
+LOWBIT_AVX2 void gemv_avx2_rows(const Weight4& w, const float* xp, float* out, int64_t n0, int64_t n1) {
+  constexpr int U = 4 / MT > 0 ? 4 / MT : 1;
+  const BytePlanes planes = byte_planes(w.table);
+  const int64_t blocks_per_row = w.K / w.blocksize;
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* row = w.packed + n * w.K / 2;
+    __m256 total[MT];
+    for (int m = 0; m < MT; ++m) total[m] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < blocks_per_row; ++b) {
+      _mm_prefetch(reinterpret_cast<const char*>(row + b * w.blocksize / 2) + kPrefetchBytes, _MM_HINT_T0);
+      __m256 sum[MT][U];
+      for (int m = 0; m < MT; ++m)
+        for (int u = 0; u < U; ++u) sum[m][u] = _mm256_setzero_ps();
+      for (int64_t k = b * w.blocksize; k < (b + 1) * w.blocksize; k += 32) {
+        __m256 v[4];
+        decode32(row + k / 2, planes, v);
+        for (int i = 0; i < 4; ++i)
+          for (int m = 0; m < MT; ++m)
+            sum[m][i % U] = _mm256_fmadd_ps(v[i], _mm256_loadu_ps(xp + m * w.K + k + 8 * i), sum[m][i % U]);
+      }
+      const __m256 s = _mm256_set1_ps(w.scale(n * blocks_per_row + b));
+      for (int m = 0; m < MT; ++m) {
+        for (int u = 1; u < U; ++u) sum[m][0] = _mm256_add_ps(sum[m][0], sum[m][u]);
+        total[m] = _mm256_fmadd_ps(sum[m][0], s, total[m]);
+      }
+    }
+    for (int m = 0; m < MT; ++m) out[m * w.N + n] = horizontal_sum(total[m]);
+  }
+}
+
+void gemv_avx2(const Weight4& w, const float* x, int64_t M, float* out) {
+  std::vector<float> xp(M * w.K);
+  permute_x_for_planes(x, M, w.K, xp.data());
+  at::parallel_for(0, w.N, kRowTile, [&](int64_t n0, int64_t n1) {
+    for (int64_t t0 = n0; t0 < n1; t0 += kRowTile) {
+      const int64_t t1 = std::min(n1, t0 + kRowTile);
+      for (int64_t m = 0; m < M; m += kAvx2GemvRows) {
+        const float* xm = xp.data() + m * w.K;
+        float* om = out + m * w.N;
+        switch (std::min(kAvx2GemvRows, M - m)) {
+          case 1: gemv_avx2_rows<1>(w, xm, om, t0, t1); break;
+          case 2: gemv_avx2_rows<2>(w, xm, om, t0, t1); break;
+          case 3: gemv_avx2_rows<3>(w, xm, om, t0, t1); break;
+          default: gemv_avx2_rows<4>(w, xm, om, t0, t1); break;
+        }
+      }
+    }
+  });
+}
+
+// Row n into dst[0, K) for the slab GEMM; needs K to be a multiple of the blocksize.
+LOWBIT_AVX2 void dequantize_row_avx2(const Weight4& w, int64_t n, float* dst) {
+  const Table16 table = load_table16(w.table);
+  const int64_t blocks_per_row = w.K / w.blocksize;
+  const uint8_t* row = w.packed + n * w.K / 2;
+  for (int64_t b = 0; b < blocks_per_row; ++b)
+    decode_block_avx2(row + b * w.blocksize / 2, w.blocksize, scaled(table, w.scale(n * blocks_per_row + b)),
+                      dst + b * w.blocksize);
+}
 #endif
 
 at::Tensor linear_4bit_cpu(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
@@ -188,15 +305,24 @@ at::Tensor linear_4bit_cpu(const at::Tensor& x, const at::Tensor& packed, const 
   const at::Tensor x2 = flatten_rows(x).to(at::kFloat).contiguous();
   at::Tensor out = at::empty({M, N}, x2.options());
   if (M > 0 && N > 0) {
-    [[maybe_unused]] const bool avx512 = K % blocksize == 0 && use_avx512();
+    // The vector kernels need K to be a multiple of the blocksize: every row starts on a byte and a block never
+    // spans two rows.
+    [[maybe_unused]] const bool blocked_rows = K % blocksize == 0;
+    [[maybe_unused]] const CpuIsa isa = cpu_isa();
     if (K == 0) {
       out.zero_();
 #if LOWBIT_X86
-    } else if (avx512 && M <= kMaxFusedRows) {
+    } else if (blocked_rows && isa >= CpuIsa::avx512 && M <= kMaxFusedRows) {
       gemv_avx512(w, x2.const_data_ptr<float>(), M, out.data_ptr<float>());
-    } else if (avx512) {
+    } else if (blocked_rows && isa >= CpuIsa::avx512) {
       panel_gemm(N, K, x2.const_data_ptr<float>(), M, out.data_ptr<float>(),
                  [&](int64_t n0, int64_t rows, float* panel) { decode_4bit_panel(w, n0, rows, panel); });
+    } else if (blocked_rows && isa == CpuIsa::avx2 && M <= kMaxAvx2GemvRows) {
+      gemv_avx2(w, x2.const_data_ptr<float>(), M, out.data_ptr<float>());
+    } else if (blocked_rows && isa == CpuIsa::avx2) {
+      gemm_slabs(w.N, w.K, x2, out, [&](int64_t n0, int64_t n1, float* dst) {
+        for (int64_t n = n0; n < n1; ++n) dequantize_row_avx2(w, n, dst + (n - n0) * w.K);
+      });
 #endif
     } else if (M > kMaxPortableGemvRows) {
       gemm_slabs(w.N, w.K, x2, out, [&](int64_t n0, int64_t n1, float* dst) {

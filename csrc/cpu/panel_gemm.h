@@ -14,6 +14,30 @@
 
 namespace lowbit {
 
+// How the panel GEMMs (this file's, and int8_gemm_avx2.h's) share work among threads: the weight's N rows are
+// cut into panels of panel_rows, x's M rows into tiles of at most tile_rows, split evenly (64 rows in tiles of 12
+// as 11, 11, 11, 11, 10, 10, not 5 x 12 + 4). Each thread takes an equal share of the panels; for each it calls
+// panel(n0, rows, for_each_tile), which prepares the panel (decodes it into the thread's memory) and calls
+// for_each_tile(tile) to run tile(m0, m1) over its tiles. With fewer panels than threads (a narrow weight), the
+// tiles are split into groups too, and each group prepares its panel again.
+template <typename Panel>
+void parallel_panels(int64_t N, int64_t M, int64_t panel_rows, int64_t tile_rows, const Panel& panel) {
+  const int64_t panels = (N + panel_rows - 1) / panel_rows;
+  const int64_t threads = std::max(1, at::get_num_threads());
+  const int64_t tiles = (M + tile_rows - 1) / tile_rows;
+  const int64_t groups = std::clamp<int64_t>(threads / panels, 1, tiles);
+  const int64_t items = panels * groups;
+  at::parallel_for(0, items, (items + threads - 1) / threads, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t p = i / groups, group = i % groups;
+      const int64_t n0 = p * panel_rows, rows = std::min(panel_rows, N - n0);
+      panel(n0, rows, [&](const auto& tile) {
+        for (int64_t t = group * tiles / groups; t < (group + 1) * tiles / groups; ++t) tile(t * M / tiles, (t + 1) * M / tiles);
+      });
+    }
+  });
+}
+
 #if LOWBIT_X86
 
 // The inner loop's output tile: up to 12 rows of x by one panel of 32 weight rows (two vectors of 16 outputs).
@@ -87,32 +111,20 @@ LOWBIT_AVX512 void panel_tile_rows(int rows, const float* x, int64_t K, const fl
 }
 
 // out = x @ W.T, x: float32 [M, K], out: float32 [M, N]; decode(n0, rows, panel) writes weight rows
-// [n0, n0 + rows), rows <= 32, as panel[k * 32 + r] = W[n0 + r, k] and zeros from row `rows` on. Each thread
-// takes an equal share of the panels; each panel is decoded once into the thread's L2 (K x 128 bytes) and the
-// rows of x pass over it in tiles of at most 12, split evenly (64 rows as 11, 11, 11, 11, 10, 10, not 5 x 12 +
-// 4). With fewer panels than threads (a narrow weight), x's tiles are split into groups too, and each group
-// decodes its panel again.
+// [n0, n0 + rows), rows <= 32, as panel[k * 32 + r] = W[n0 + r, k] and zeros from row `rows` on. Each panel is
+// decoded once into the thread's L2 (K x 128 bytes) and the rows of x pass over it in tiles of at most 12
+// (parallel_panels).
 template <typename DecodePanel>
 void panel_gemm(int64_t N, int64_t K, const float* x, int64_t M, float* out, const DecodePanel& decode) {
-  const int64_t panels = (N + kPanelRows - 1) / kPanelRows;
-  const int64_t threads = std::max(1, at::get_num_threads());
-  const int64_t tiles = (M + kMaxTileRows - 1) / kMaxTileRows;
-  const int64_t groups = std::clamp<int64_t>(threads / panels, 1, tiles);
-  const int64_t items = panels * groups;
-  at::parallel_for(0, items, (items + threads - 1) / threads, [&](int64_t i0, int64_t i1) {
+  parallel_panels(N, M, kPanelRows, kMaxTileRows, [&](int64_t n0, int64_t rows, const auto& for_each_tile) {
     float* panel = slab_memory(K * kPanelRows);
-    for (int64_t i = i0; i < i1; ++i) {
-      const int64_t p = i / groups, group = i % groups;
-      const int64_t n0 = p * kPanelRows, rows = std::min(kPanelRows, N - n0);
-      decode(n0, rows, panel);
-      // The panel's valid outputs in each of its two vectors.
-      const auto mask = [](int64_t n) { return static_cast<__mmask16>((1u << std::clamp<int64_t>(n, 0, 16)) - 1); };
-      const __mmask16 columns0 = mask(rows), columns1 = mask(rows - 16);
-      for (int64_t t = group * tiles / groups; t < (group + 1) * tiles / groups; ++t) {
-        const int64_t m0 = t * M / tiles, m1 = (t + 1) * M / tiles;
-        panel_tile_rows(static_cast<int>(m1 - m0), x + m0 * K, K, panel, out + m0 * N + n0, N, columns0, columns1);
-      }
-    }
+    decode(n0, rows, panel);
+    // The panel's valid outputs in each of its two vectors.
+    const auto mask = [](int64_t n) { return static_cast<__mmask16>((1u << std::clamp<int64_t>(n, 0, 16)) - 1); };
+    const __mmask16 columns0 = mask(rows), columns1 = mask(rows - 16);
+    for_each_tile([&](int64_t m0, int64_t m1) {
+      panel_tile_rows(static_cast<int>(m1 - m0), x + m0 * K, K, panel, out + m0 * N + n0, N, columns0, columns1);
+    });
   });
 }
 

@@ -19,11 +19,13 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <utility>
 
 #include "checks.h"
 #include "cpu/isa.h"
+#include "cpu/nibbles_avx2.h"
 #include "formats.h"
 #include "validate.h"
 
@@ -120,6 +122,43 @@ LOWBIT_AVX512 float encode_error_avx512(const Block& b, float s, const SearchBoo
 }
 #endif
 
+#if LOWBIT_X86
+// AVX2: the 16 lanes as two vectors (block elements i..i+7 in lanes 0-7, i+8..i+15 in lanes 8-15), added by
+// halving in lane_total's order: lanes + lanes 8 on, then 4, 2, 1.
+LOWBIT_AVX2 float lane_total_avx2(__m256 lanes_low, __m256 lanes_high) {
+  const __m256 t8 = _mm256_add_ps(lanes_low, lanes_high);
+  const __m128 t4 = _mm_add_ps(_mm256_castps256_ps128(t8), _mm256_extractf128_ps(t8, 1));
+  const __m128 t2 = _mm_add_ps(t4, _mm_movehl_ps(t4, t4));
+  return _mm_cvtss_f32(_mm_add_ss(t2, _mm_movehdup_ps(t2)));
+}
+
+// The binary search and error of encode_error_avx512, 8 lanes at a time; the 16-entry tables are looked up in
+// two halves (lookup16).
+LOWBIT_AVX2 float encode_error_avx2(const Block& b, float s, const SearchBook& sb, uint8_t* idx) {
+  const __m256 scale = _mm256_set1_ps(s), inv = _mm256_set1_ps(div_rn(1.0f, s));
+  const __m256 lo = _mm256_set1_ps(-1.0f), hi = _mm256_set1_ps(1.0f);
+  const Table16 values = load_table16(sb.sorted_value);
+  Table16 probe[4];
+  for (int p = 0; p < 4; ++p) probe[p] = load_table16(sb.probe[p]);
+  __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
+  for (int64_t i = 0; i < b.len; i += 8) {
+    const __m256 v = _mm256_loadu_ps(b.v + i);
+    const __m256 x = _mm256_min_ps(_mm256_max_ps(_mm256_mul_ps(v, inv), lo), hi);
+    __m256i k = _mm256_setzero_si256();
+    for (int p = 0; p < 4; ++p) {
+      const __m256 above = _mm256_cmp_ps(lookup16(k, probe[p]), x, _CMP_LT_OQ);
+      k = _mm256_add_epi32(k, _mm256_and_si256(_mm256_castps_si256(above), _mm256_set1_epi32(8 >> p)));
+    }
+    alignas(32) int32_t lanes[8];
+    _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), k);
+    for (int j = 0; j < 8; ++j) idx[i + j] = static_cast<uint8_t>(lanes[j]);
+    const __m256 d = _mm256_sub_ps(v, _mm256_mul_ps(scale, lookup16(k, values)));
+    acc[(i / 8) % 2] = _mm256_add_ps(acc[(i / 8) % 2], _mm256_mul_ps(_mm256_loadu_ps(b.h + i), _mm256_mul_ps(d, d)));
+  }
+  return lane_total_avx2(acc[0], acc[1]);
+}
+#endif
+
 // Least-squares scale for fixed codes from its sums, or 0 when there is none (all codes zero, no
 // importance, or a negative fit).
 float least_squares_scale(float num, float den) {
@@ -151,6 +190,23 @@ LOWBIT_AVX512 float refit_scale_avx512(const Block& b, const SearchBook& sb, con
 }
 #endif
 
+#if LOWBIT_X86
+LOWBIT_AVX2 float refit_scale_avx2(const Block& b, const SearchBook& sb, const uint8_t* idx) {
+  const Table16 values = load_table16(sb.sorted_value);
+  __m256 num[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()}, den[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
+  for (int64_t i = 0; i < b.len; i += 8) {
+    int64_t codes;
+    std::memcpy(&codes, idx + i, 8);
+    const __m256i k = _mm256_cvtepu8_epi32(_mm_cvtsi64_si128(codes));
+    const __m256 c = lookup16(k, values), h = _mm256_loadu_ps(b.h + i);
+    const int lane_half = (i / 8) % 2;
+    num[lane_half] = _mm256_add_ps(num[lane_half], _mm256_mul_ps(h, _mm256_mul_ps(_mm256_loadu_ps(b.v + i), c)));
+    den[lane_half] = _mm256_add_ps(den[lane_half], _mm256_mul_ps(h, _mm256_mul_ps(c, c)));
+  }
+  return least_squares_scale(lane_total_avx2(num[0], num[1]), lane_total_avx2(den[0], den[1]));
+}
+#endif
+
 std::tuple<at::Tensor, at::Tensor> quantize_4bit_search_cpu(const at::Tensor& A, int64_t blocksize,
                                                             c10::string_view quant_type, at::ArrayRef<double> ratios,
                                                             const std::optional<at::Tensor>& importance) {
@@ -171,7 +227,7 @@ std::tuple<at::Tensor, at::Tensor> quantize_4bit_search_cpu(const at::Tensor& A,
   at::Tensor packed = at::empty({(n + 1) / 2, 1}, a.options().dtype(at::kByte));
   at::Tensor absmax = at::empty({nblocks}, a.options().dtype(at::kFloat));
   std::atomic<bool> non_finite{false};
-  [[maybe_unused]] const bool avx512 = use_avx512();
+  [[maybe_unused]] const CpuIsa isa = cpu_isa();
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "quantize_4bit_search", [&] {
     const scalar_t* src = a.const_data_ptr<scalar_t>();
@@ -212,13 +268,15 @@ std::tuple<at::Tensor, at::Tensor> quantize_4bit_search_cpu(const at::Tensor& A,
           const Block b{v, h, padded};
           auto encode_error = [&](float s, uint8_t* idx) {
 #if LOWBIT_X86
-            if (avx512) return encode_error_avx512(b, s, sb, idx);
+            if (isa >= CpuIsa::avx512) return encode_error_avx512(b, s, sb, idx);
+            if (isa == CpuIsa::avx2) return encode_error_avx2(b, s, sb, idx);
 #endif
             return encode_error_portable(b, s, book, sb, idx);
           };
           auto refit_scale = [&](const uint8_t* idx) {
 #if LOWBIT_X86
-            if (avx512) return refit_scale_avx512(b, sb, idx);
+            if (isa >= CpuIsa::avx512) return refit_scale_avx512(b, sb, idx);
+            if (isa == CpuIsa::avx2) return refit_scale_avx2(b, sb, idx);
 #endif
             return refit_scale_portable(b, sb, idx);
           };
