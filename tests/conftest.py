@@ -6,7 +6,7 @@ with seeded random weights and saved to a temporary directory.
 
 import pytest
 import torch
-from helpers import DEVICES
+from helpers import DEVICES, force_cpu_isa
 
 
 @pytest.fixture(params=DEVICES)
@@ -22,10 +22,7 @@ def kernel_device(request, monkeypatch):
     so every path this CPU can take is held to the reference: on an AVX-512 machine the AVX-512 (and AMX) kernels,
     the AVX2 ones and the portable ones."""
     if request.param.startswith("cpu-"):
-        isa = request.param.removeprefix("cpu-")
-        monkeypatch.setenv("LOWBIT_CPU_ISA", isa)
-        if torch.ops.lowbit.cpu_isa() != isa:
-            pytest.skip(f"this CPU cannot run lowbit's {isa} kernels (it runs {torch.ops.lowbit.cpu_isa()})")
+        force_cpu_isa(monkeypatch, request.param.removeprefix("cpu-"))
         return "cpu"
     return request.param
 

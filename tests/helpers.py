@@ -96,3 +96,11 @@ def op_cases(device="cpu"):
         (torch.ops.lowbit.int8_linear, (randn(2, 128, requires_grad=True), CB, SCB, 0.0, randn(24))),
         (torch.ops.lowbit.int8_weight_linear, (randn(2, 128, requires_grad=True), CB, SCB, randn(24))),
     ]  # fmt: skip
+
+
+def force_cpu_isa(monkeypatch, isa: str) -> None:
+    """Run lowbit's CPU kernels of level `isa` (LOWBIT_CPU_ISA) for the rest of the test, or skip it, saying why,
+    where this CPU cannot run them."""
+    monkeypatch.setenv("LOWBIT_CPU_ISA", isa)
+    if torch.ops.lowbit.cpu_isa() != isa:
+        pytest.skip(f"this CPU cannot run lowbit's {isa} kernels (it runs {torch.ops.lowbit.cpu_isa()})")

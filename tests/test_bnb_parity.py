@@ -46,17 +46,18 @@ def test_double_quant_state_matches_bitsandbytes(quant_type, dtype):
     for key in ours.keys() - {"weight.absmax"}:
         assert torch.equal(ours[key], theirs[key]), key
     # The 8-bit codes of the absmax: bitsandbytes' CPU search is not exactly round-to-nearest: it
-    # resolves the normalized value only to about 1.5e-5 (measured over 3M values), so near the
-    # midpoint between two codes it may take the neighbour. lowbit rounds to nearest, so codes may
-    # differ there and only there (within 3e-5 of a midpoint, 0.2% of codes in that measurement).
+    # resolves the normalized value only to about 1.5e-5 (measured over 3M values), so where codes lie
+    # closer than that to each other or to the value, it may take a code other than the nearest. lowbit
+    # rounds to nearest, so codes may differ only where bitsandbytes' pick is within that resolution of the
+    # nearest code's distance (0.2% of codes in that measurement). Near zero the dynamic map's codes are a
+    # few 1e-6 apart, so such a pick can be two or three codes away (seen: 129 against 131).
     code = state.state2.code
     x = (state.absmax.new_tensor(0) + _scaled_absmax(W, quant_type, state)).float()
     differ = (ours["weight.absmax"] != theirs["weight.absmax"]).nonzero().view(-1)
     for i in differ.tolist():
-        a, b = sorted((int(ours["weight.absmax"][i]), int(theirs["weight.absmax"][i])))
-        assert b == a + 1, "codes may only differ by one step"
-        midpoint = (code[a] + code[b]) / 2
-        assert (x[i] - midpoint).abs() <= 3e-5, (x[i], midpoint)
+        nearest, picked = code[int(ours["weight.absmax"][i])], code[int(theirs["weight.absmax"][i])]
+        assert (x[i] - nearest).abs() <= (x[i] - picked).abs(), "lowbit's code must be the nearest"
+        assert (x[i] - picked).abs() <= (x[i] - nearest).abs() + 3e-5, (x[i], nearest, picked)
     assert len(differ) <= 0.01 * len(x)
 
 

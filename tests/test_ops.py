@@ -12,6 +12,7 @@ from helpers import (
     SIZES,
     assert_close_to_exact,
     cpu_threads,
+    force_cpu_isa,
     int8_linear_exact,
     linear_4bit_exact,
     op_cases,
@@ -240,11 +241,13 @@ def test_many_rows_over_several_weight_slabs(kernel_device, monkeypatch, op, thr
     assert_close_to_exact(out, ref, x.double() @ Wq.t(), f"{op} {N}x{K} at {M} rows ({threads} threads, {mode})")
 
 
-@pytest.mark.parametrize("M", [6, 7, 8, 13, 15])
+@pytest.mark.parametrize("isa", ["avx512", "avx2"])
+@pytest.mark.parametrize("M", [2, 3, 5, 6, 7, 8, 13, 15])
 @pytest.mark.parametrize("N, K", [(17, 64), (40, 576)])
-def test_linear_4bit_gemv_row_groups(monkeypatch, M, N, K):
-    # Up to 15 rows the AVX-512 GEMV passes over each weight row once per 8 rows of x (13 rows: 8 + 5).
-    monkeypatch.setenv("LOWBIT_CPU_ISA", "avx512")
+def test_linear_4bit_gemv_row_groups(monkeypatch, isa, M, N, K):
+    # Up to 15 rows the GEMV passes over each weight row once per 8 rows of x on AVX-512 (13 rows: 8 + 5), once per
+    # 4 on AVX2 (13 rows: 4 + 4 + 4 + 1), with 4, 2 or 1 chains of sums per row.
+    force_cpu_isa(monkeypatch, isa)
     packed, absmax, _ = _quantized(N, K, "nf4", 64, False)
     x = torch.randn(M, K)
     out = ops.linear_4bit(x, packed, absmax, 64, "nf4", (N, K))
@@ -260,12 +263,14 @@ def test_linear_4bit_gemv_row_groups(monkeypatch, M, N, K):
     [(16, 17, 64, 64), (17, 5, 32, 32), (40, 33, 160, 32), (64, 200, 576, 64), (100, 48, 1024, 256),
      (29, 1025, 384, 128)],
 )  # fmt: skip
-def test_linear_4bit_panel_gemm(monkeypatch, threads, double_quant, M, N, K, blocksize):
+@pytest.mark.parametrize("isa", ["avx512", "avx2"])
+def test_linear_4bit_panel_gemm(monkeypatch, isa, threads, double_quant, M, N, K, blocksize):
     # From 16 rows on AVX-512 CPUs the weight is decoded in panels of 32 rows and x passes over each in tiles of at
     # most 12 rows, summing 128 k at a time. Tails everywhere: panels with 5, 17 or 1 valid rows (masked stores, the
     # other half of the panel empty), tiles of 10-12 rows, K not a multiple of the 128-long sums, blocks of 32 (a new
     # scale every 32 k) up to 256; with 3 threads and fewer panels than threads, x's tiles are split into groups.
-    monkeypatch.setenv("LOWBIT_CPU_ISA", "avx512")
+    # AVX2's panels are 16 rows and its tiles 6 (tails of 1, 9 or 16 rows; 1025 = 64 x 16 + 1).
+    force_cpu_isa(monkeypatch, isa)
     packed, absmax, nested = _quantized(N, K, "nf4", blocksize, double_quant)
     x = torch.randn(M, K)
     with cpu_threads(threads):
@@ -277,10 +282,12 @@ def test_linear_4bit_panel_gemm(monkeypatch, threads, double_quant, M, N, K, blo
 
 @pytest.mark.parametrize("threads", [1, 3])
 @pytest.mark.parametrize("M, N, K", [(17, 5, 16), (40, 33, 100), (29, 64, 7), (100, 48, 1031)])
-def test_int8_weight_linear_panel_gemm(monkeypatch, threads, M, N, K):
+@pytest.mark.parametrize("isa", ["avx512", "avx2"])
+def test_int8_weight_linear_panel_gemm(monkeypatch, isa, threads, M, N, K):
     # Without AMX (forced off here), beyond 16 rows the int8 weight takes the panel GEMM: K not a multiple of 16
-    # (the panel decode's scalar tail; K = 7 is all tail), panels of 5, 33 (1 + 32) and 48 (16 + 32) rows.
-    monkeypatch.setenv("LOWBIT_CPU_ISA", "avx512")
+    # (AVX-512) or 8 (AVX2) (the panel decode's scalar tail; K = 7 is all tail), panels of 5, 33 (1 + 32) and 48
+    # (16 + 32) rows.
+    force_cpu_isa(monkeypatch, isa)
     CB, SCB, _ = reference.int8_vectorwise_quant(torch.randn(N, K), 0.0)
     x = torch.randn(M, K)
     with cpu_threads(threads):
@@ -364,8 +371,8 @@ def _with_outliers(M, K, dtype, device="cpu"):
 @pytest.mark.parametrize("M", SIZES)
 @pytest.mark.parametrize("K", SIZES)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_int8_vectorwise_quant_matches_reference(device, threshold, M, K, dtype):
-    x = _with_outliers(M, K, dtype, device)
+def test_int8_vectorwise_quant_matches_reference(kernel_device, threshold, M, K, dtype):
+    x = _with_outliers(M, K, dtype, kernel_device)
     q, stats, cols = ops.int8_vectorwise_quant(x, threshold)
     ref_q, ref_stats, ref_cols = reference.int8_vectorwise_quant(x, threshold)
     assert torch.equal(q, ref_q) and torch.equal(stats, ref_stats) and torch.equal(cols, ref_cols)
@@ -379,6 +386,34 @@ def test_int8_mm_is_exact(kernel_device, M, K):
     A = torch.randint(-127, 128, (M, K), dtype=torch.int8, device=kernel_device)
     B = torch.randint(-127, 128, (33, K), dtype=torch.int8, device=kernel_device)
     assert torch.equal(ops.int8_mm(A, B), reference.int8_mm(A, B))
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+@pytest.mark.parametrize("M", [9, 13, 40])
+@pytest.mark.parametrize("N", [1, 7, 16, 17, 33])
+@pytest.mark.parametrize("K", [1, 15, 16, 17, 100])
+def test_int8_mm_avx2_gemm(monkeypatch, threads, M, N, K):
+    # Beyond 8 rows on AVX2 (and on AVX-512 CPUs without VNNI), lowbit's own vpmaddwd GEMM: panels of 16 weight rows
+    # (tails of 1, 7 and 1 + 16), tiles of at most 6 rows of x split evenly (13 rows: 4 + 4 + 5), pairs of k with an
+    # odd K's missing partner, the 16-k packing's scalar tail, and int8's extremes (-128 * -128 pairs), all exact.
+    force_cpu_isa(monkeypatch, "avx2")
+    A = torch.randint(-128, 128, (M, K), dtype=torch.int8)
+    B = torch.randint(-128, 128, (N, K), dtype=torch.int8)
+    A[0], B[0] = -128, -128
+    with cpu_threads(threads):
+        assert torch.equal(ops.int8_mm(A, B), reference.int8_mm(A, B))
+
+
+def test_cpu_isa_is_chosen_by_the_environment(monkeypatch):
+    # LOWBIT_CPU_ISA caps the level at what the CPU has, and a name lowbit does not know is refused.
+    native = torch.ops.lowbit.cpu_isa()
+    levels = ["portable", "avx2", "avx512", "amx"]
+    for isa in levels:
+        monkeypatch.setenv("LOWBIT_CPU_ISA", isa)
+        assert torch.ops.lowbit.cpu_isa() == levels[min(levels.index(isa), levels.index(native))]
+    monkeypatch.setenv("LOWBIT_CPU_ISA", "avx3")
+    with pytest.raises(ValueError, match="LOWBIT_CPU_ISA=avx3 is not a CPU path"):
+        ops.linear_4bit(torch.randn(1, 64), *ops.quantize_4bit(torch.randn(8, 64), 64, "nf4"), 64, "nf4", (8, 64))
 
 
 @pytest.mark.parametrize("threshold", [0.0, 6.0])

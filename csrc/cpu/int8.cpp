@@ -25,6 +25,54 @@ struct RowQuantized {
   at::Tensor outlier_cols;  // int64 [n_outliers]
 };
 
+#if LOWBIT_X86
+// One row's absmax over its non-outlier elements (|x| >= thr, when thresholded) into *amax, 8 at a time; returns
+// whether every non-outlier element is finite (a NaN fails both compares, so it is never an outlier).
+LOWBIT_AVX2 bool row_absmax_avx2(const float* xr, int64_t K, bool thresholded, float thr, float* amax) {
+  const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+  const __m256 threshold = _mm256_set1_ps(thr), inf = _mm256_set1_ps(std::numeric_limits<float>::infinity());
+  __m256 vmax = _mm256_setzero_ps();
+  int finite = 0xFF;
+  const int64_t K8 = K / 8 * 8;
+  for (int64_t k = 0; k < K8; k += 8) {
+    const __m256 a = _mm256_and_ps(_mm256_loadu_ps(xr + k), abs_mask);
+    const __m256 outlier = thresholded ? _mm256_cmp_ps(a, threshold, _CMP_GE_OQ) : _mm256_setzero_ps();
+    vmax = _mm256_max_ps(vmax, _mm256_andnot_ps(outlier, a));
+    finite &= _mm256_movemask_ps(_mm256_or_ps(outlier, _mm256_cmp_ps(a, inf, _CMP_LT_OQ)));
+  }
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, vmax);
+  float m = 0.f;
+  for (float v : lanes) m = std::max(m, v);
+  bool all_finite = finite == 0xFF;
+  for (int64_t k = K8; k < K; ++k) {
+    const float a = std::abs(xr[k]);
+    const bool is_outlier = thresholded && a >= thr;
+    if (!is_outlier) m = std::max(m, a);
+    all_finite &= is_outlier || std::isfinite(a);
+  }
+  *amax = m;
+  return all_finite;
+}
+
+// dst[k] = round_half_even(xr[k] * s), 0 in outlier columns; vcvtps2dq rounds half to even as std::nearbyint does
+// in the default rounding mode, so the codes are the scalar loop's.
+LOWBIT_AVX2 void quantize_row_avx2(const float* xr, int64_t K, float s, const uint8_t* outlier, int8_t* dst) {
+  const __m256 scale = _mm256_set1_ps(s);
+  const int64_t K8 = K / 8 * 8;
+  for (int64_t k = 0; k < K8; k += 8) {
+    __m256i q = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xr + k), scale));
+    if (outlier) {
+      const __m256i flags = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(outlier + k)));
+      q = _mm256_and_si256(q, _mm256_cmpeq_epi32(flags, _mm256_setzero_si256()));
+    }
+    const __m128i words = _mm_packs_epi32(_mm256_castsi256_si128(q), _mm256_extracti128_si256(q, 1));
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(dst + k), _mm_packs_epi16(words, words));
+  }
+  for (int64_t k = K8; k < K; ++k) dst[k] = (outlier && outlier[k]) ? 0 : static_cast<int8_t>(std::nearbyint(xr[k] * s));
+}
+#endif
+
 // x: float32 [M, K], contiguous.
 RowQuantized quantize_rows(const at::Tensor& x, double threshold) {
   const int64_t M = x.size(0), K = x.size(1);
@@ -41,12 +89,17 @@ RowQuantized quantize_rows(const at::Tensor& x, double threshold) {
   const float* src = x.const_data_ptr<float>();
   int8_t* dst = q.data_ptr<int8_t>();
   float* stats = row_stats.data_ptr<float>();
+  [[maybe_unused]] const bool avx2 = cpu_isa() >= CpuIsa::avx2;
   at::parallel_for(0, M, 1, [&](int64_t m0, int64_t m1) {
     for (int64_t m = m0; m < m1; ++m) {
       const float* xr = src + m * K;
       // Outlier elements do not count towards the row's scale (their columns go through float).
       float amax = 0.f;
       bool finite = true;
+#if LOWBIT_X86
+      if (avx2) finite = row_absmax_avx2(xr, K, threshold > 0, thr, &amax);
+      else
+#endif
       for (int64_t k = 0; k < K; ++k) {
         const float a = std::abs(xr[k]);
         // An Inf at or above the threshold is an outlier element, computed in float; a NaN never is, even in
@@ -67,6 +120,12 @@ RowQuantized quantize_rows(const at::Tensor& x, double threshold) {
       // overflows the reciprocal; such rows divide instead.
       const float s = amax > 0 ? (1.0f / amax) * 127.0f : 0.f;
       const bool divide = !std::isfinite(s);
+#if LOWBIT_X86
+      if (avx2 && !divide) {
+        quantize_row_avx2(xr, K, s, outlier, dst + m * K);
+        continue;
+      }
+#endif
       for (int64_t k = 0; k < K; ++k) {
         const float v = divide ? xr[k] / amax * 127.0f : xr[k] * s;
         dst[m * K + k] = (outlier && outlier[k]) ? 0 : static_cast<int8_t>(std::nearbyint(v));

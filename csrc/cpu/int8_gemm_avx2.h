@@ -18,6 +18,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "cpu/avx2.h"
 #include "cpu/gemm_slabs.h"
 #include "cpu/isa.h"
 #include "cpu/panel_gemm.h"
@@ -26,27 +27,6 @@
 namespace lowbit {
 
 constexpr int64_t kInt8PanelRows = 16, kInt8TileRows = 6;
-
-// 8 rows of 8 dwords transposed in registers: row r's dword c goes to lane r of vector c.
-LOWBIT_AVX2 inline void transpose8x8(__m256i v[8]) {
-  __m256i t[8], u[8];
-  for (int i = 0; i < 4; ++i) {
-    t[2 * i] = _mm256_unpacklo_epi32(v[2 * i], v[2 * i + 1]);
-    t[2 * i + 1] = _mm256_unpackhi_epi32(v[2 * i], v[2 * i + 1]);
-  }
-  for (int i = 0; i < 2; ++i)
-    for (int j = 0; j < 2; ++j) {
-      u[4 * i + j] = _mm256_unpacklo_epi64(t[4 * i + j], t[4 * i + 2 + j]);
-      u[4 * i + 2 + j] = _mm256_unpackhi_epi64(t[4 * i + j], t[4 * i + 2 + j]);
-    }
-  // Rows 0-3 now sit in u[0] (columns 0 | 4 in the two 128-bit halves), u[2] (1 | 5), u[1] (2 | 6), u[3] (3 | 7);
-  // rows 4-7 likewise in u[4..7].
-  const int order[4] = {0, 2, 1, 3};
-  for (int c = 0; c < 4; ++c) {
-    v[c] = _mm256_permute2x128_si256(u[order[c]], u[4 + order[c]], 0x20);
-    v[c + 4] = _mm256_permute2x128_si256(u[order[c]], u[4 + order[c]], 0x31);
-  }
-}
 
 // Weight rows [n0, n0 + rows), rows <= 16, as int16 pairs: panel[kk * 16 + r] for kk < pairs = ceil(K / 2), zero
 // beyond `rows` and for the odd K's missing partner. 16 bytes of a row widen to 8 pair-dwords, and 8 rows of them

@@ -17,6 +17,7 @@
 #include "cpu/gemm_slabs.h"
 #include "cpu/isa.h"
 #include "cpu/panel_gemm.h"
+#include "cpu/panel_gemm_avx2.h"
 #include "rows.h"
 #include "validate.h"
 
@@ -195,16 +196,16 @@ void gemv_avx2(const int8_t* CB, const float* scale, const float* x, int64_t M, 
   });
 }
 
-// decode_rows for the slab GEMM, 8 weights per step.
-LOWBIT_AVX2 void decode_rows_avx2(const int8_t* CB, const float* scale, int64_t K, int64_t n0, int64_t n1, float* dst) {
-  const int64_t K8 = K / 8 * 8;
-  for (int64_t n = n0; n < n1; ++n) {
-    const __m256 s = _mm256_set1_ps(scale[n]);
-    float* d = dst + (n - n0) * K;
-    for (int64_t k = 0; k < K8; k += 8) _mm256_storeu_ps(d + k, _mm256_mul_ps(int8x8_to_float(CB + n * K + k), s));
-    for (int64_t k = K8; k < K; ++k) d[k] = static_cast<float>(CB[n * K + k]) * scale[n];
+// Eight values of a weight row at a time for panel_gemm_avx2, scaled as decode_rows scales them.
+struct Int8Decoder {
+  const int8_t* CB;
+  const float* scale;
+  int64_t K;
+  LOWBIT_AVX2 __m256 operator()(int64_t n, int64_t k) const {
+    return _mm256_mul_ps(int8x8_to_float(CB + n * K + k), _mm256_set1_ps(scale[n]));
   }
-}
+  float tail(int64_t n, int64_t k) const { return static_cast<float>(CB[n * K + k]) * scale[n]; }
+};
 #endif
 
 at::Tensor int8_weight_linear_cpu(const at::Tensor& x, const at::Tensor& CB, const at::Tensor& SCB,
@@ -231,7 +232,7 @@ at::Tensor int8_weight_linear_cpu(const at::Tensor& x, const at::Tensor& CB, con
       panel_gemm(N, K, xp, M, out.data_ptr<float>(),
                  [&](int64_t n0, int64_t rows, float* panel) { decode_int8_panel(cb, s, K, n0, rows, panel); });
     } else if (M > kMaxGemvRows && use_avx2()) {
-      gemm_slabs(N, K, x2, out, [&](int64_t n0, int64_t n1, float* dst) { decode_rows_avx2(cb, s, K, n0, n1, dst); });
+      panel_gemm_avx2(N, K, xp, M, out.data_ptr<float>(), Int8Decoder{cb, s, K});
     } else
 #endif
     if (M > kMaxGemvRows) {

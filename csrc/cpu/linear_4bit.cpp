@@ -20,6 +20,7 @@
 #include "cpu/isa.h"
 #include "cpu/nibbles_avx2.h"
 #include "cpu/panel_gemm.h"
+#include "cpu/panel_gemm_avx2.h"
 #include "formats.h"
 #include "rows.h"
 #include "validate.h"
@@ -281,15 +282,19 @@ void gemv_avx2(const Weight4& w, const float* x, int64_t M, float* out) {
   });
 }
 
-// Row n into dst[0, K) for the slab GEMM; needs K to be a multiple of the blocksize.
-LOWBIT_AVX2 void dequantize_row_avx2(const Weight4& w, int64_t n, float* dst) {
-  const Table16 table = load_table16(w.table);
-  const int64_t blocks_per_row = w.K / w.blocksize;
-  const uint8_t* row = w.packed + n * w.K / 2;
-  for (int64_t b = 0; b < blocks_per_row; ++b)
-    decode_block_avx2(row + b * w.blocksize / 2, w.blocksize, scaled(table, w.scale(n * blocks_per_row + b)),
-                      dst + b * w.blocksize);
-}
+// Eight values of a weight row at a time for panel_gemm_avx2 (K a multiple of the blocksize, so of 32: no tail).
+// Each value is table entry times block scale, the reference's one product; the block index is a shift (the
+// blocksize is a power of two), since a 64-bit division per 8 values cost more than their decode.
+struct Weight4Decoder {
+  const Weight4& w;
+  Table16 table;
+  int block_shift;
+  LOWBIT_AVX2 __m256 operator()(int64_t n, int64_t k) const {
+    const int64_t i = n * w.K + k;
+    return _mm256_mul_ps(lookup16(codes8(w.packed + i / 2), table), _mm256_set1_ps(w.scale(i >> block_shift)));
+  }
+  float tail(int64_t n, int64_t k) const { return 0.f; }
+};
 #endif
 
 at::Tensor linear_4bit_cpu(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
@@ -320,9 +325,8 @@ at::Tensor linear_4bit_cpu(const at::Tensor& x, const at::Tensor& packed, const 
     } else if (blocked_rows && isa == CpuIsa::avx2 && M <= kMaxAvx2GemvRows) {
       gemv_avx2(w, x2.const_data_ptr<float>(), M, out.data_ptr<float>());
     } else if (blocked_rows && isa == CpuIsa::avx2) {
-      gemm_slabs(w.N, w.K, x2, out, [&](int64_t n0, int64_t n1, float* dst) {
-        for (int64_t n = n0; n < n1; ++n) dequantize_row_avx2(w, n, dst + (n - n0) * w.K);
-      });
+      panel_gemm_avx2(N, K, x2.const_data_ptr<float>(), M, out.data_ptr<float>(),
+                      Weight4Decoder{w, load_table16(w.table), __builtin_ctzll(static_cast<uint64_t>(blocksize))});
 #endif
     } else if (M > kMaxPortableGemvRows) {
       gemm_slabs(w.N, w.K, x2, out, [&](int64_t n0, int64_t n1, float* dst) {
