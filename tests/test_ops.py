@@ -411,6 +411,7 @@ def test_cpu_isa_is_chosen_by_the_environment(monkeypatch):
     for isa in levels:
         monkeypatch.setenv("LOWBIT_CPU_ISA", isa)
         assert torch.ops.lowbit.cpu_isa() == levels[min(levels.index(isa), levels.index(native))]
+        assert lowbit.cpu_isa()["isa"] == torch.ops.lowbit.cpu_isa() and lowbit.cpu_isa()["paths"]
     monkeypatch.setenv("LOWBIT_CPU_ISA", "avx3")
     with pytest.raises(ValueError, match="LOWBIT_CPU_ISA=avx3 is not a CPU path"):
         ops.linear_4bit(torch.randn(1, 64), *ops.quantize_4bit(torch.randn(8, 64), 64, "nf4"), 64, "nf4", (8, 64))

@@ -1,5 +1,5 @@
 // The many-rows path of the CPU linears with a compressed weight where no kernel of their own multiplies
-// (int8_weight_linear without AMX, linear_4bit without AVX-512): out[:, slab] = x @ W[slab].T, with one slab
+// (the portable level: CPUs without AVX2, or LOWBIT_CPU_ISA=portable): out[:, slab] = x @ W[slab].T, with one slab
 // of weight rows decoded to float32 at a time and handed to the BLAS GEMM, so decoding is amortized over all
 // rows of x and the full-precision weight never exists at once.
 #pragma once

@@ -5,8 +5,9 @@
 // it: 16 int8 weights widened to float32 in registers (vpmovsxbd + vcvtdq2ps), one FMA per row of x, the
 // row scale SCB / 127 applied once per output. Many rows: on a CPU with AMX-BF16, bfloat16 tiles with exact
 // products (amx_int8_weight.h: faster than fp32's own GEMM); otherwise, or for inputs outside the tiles'
-// exact range, decode panels of weight rows into lowbit's own AVX-512 GEMM (panel_gemm.h), or without AVX-512
-// slabs for the BLAS GEMM (gemm_slabs.h), amortizing the decode over the rows.
+// exact range, decode panels of weight rows into lowbit's own AVX-512 or AVX2 GEMM (panel_gemm.h,
+// panel_gemm_avx2.h), or on the portable level slabs for the BLAS GEMM (gemm_slabs.h), amortizing the decode over
+// the rows.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>

@@ -5,8 +5,8 @@
 //    multiply-adds, so the kernel is bound by memory and by the cost of decoding codes. The
 //    AVX-512 path decodes 16 codes with one vpermps against the 16-entry table held in a
 //    register, and feeds the floats straight into FMAs; nothing is written back.
-//  * many rows (prefill): the work is a real GEMM. The AVX-512 path decodes panels of 32 weight
-//    rows into its own GEMM's packed layout (cpu/panel_gemm.h); the portable path
+//  * many rows (prefill): the work is a real GEMM. The AVX-512 and AVX2 paths decode panels of 32 or 16
+//    weight rows into their own GEMM's packed layout (cpu/panel_gemm.h, cpu/panel_gemm_avx2.h); the portable path
 //    dequantizes a bounded slab of weight rows and hands it to the BLAS GEMM. Either way the
 //    decoding is amortized over all M rows.
 #include <ATen/ATen.h>
@@ -44,9 +44,12 @@ constexpr int64_t kGemvRows = 8;
 // path switches to the slab GEMM beyond 8 rows.
 constexpr int64_t kMaxFusedRows = 15;
 constexpr int64_t kMaxPortableGemvRows = 8;
-// The AVX2 GEMV takes 4 rows of x per pass (AVX2 has 16 vector registers: 4 rows' block sums and totals, the two
-// table halves and the decoded weights fill them) and hands over to the slab GEMM beyond kMaxAvx2GemvRows.
-constexpr int64_t kAvx2GemvRows = 4, kMaxAvx2GemvRows = 15;
+// The AVX2 GEMV takes 4 rows of x per pass (AVX2 has 16 vector registers: 4 rows' block sums and totals, the byte
+// planes and the decoded weights fill them) and hands over to the AVX2 panel GEMM beyond kMaxAvx2GemvRows (not
+// below 16 rows, for kMaxFusedRows' accuracy reason). Measured 2026-12-05 (Sapphire Rapids VM forced to AVX2, MKL
+// too; ratio to fp32): 4096 x 4096 at 16 rows GEMV 1.11x / panel 0.91x, at 24-31 rows GEMV 0.85-0.93x, panel at
+// 32 rows 0.94x; 576 x 1536 at 16 rows 0.99x / 0.96x.
+constexpr int64_t kAvx2GemvRows = 4, kMaxAvx2GemvRows = 16;
 // Weight rows kept hot while all of x passes over them (16 rows of K=4096 are 32 KiB packed).
 constexpr int64_t kRowTile = 16;
 // How far ahead of the FMAs the GEMV asks for packed weight bytes: left to the hardware prefetcher, one thread

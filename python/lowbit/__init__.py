@@ -25,6 +25,7 @@ _connect_peft_when_imported()
 
 __version__ = _BUILD["version"]
 build_info = _native.build_info
+cpu_isa = _native.cpu_isa
 
 __all__ = [
     "BitsAndBytesConfig",
@@ -33,6 +34,7 @@ __all__ = [
     "bnb_checkpoint_config",
     "LowbitConfig",
     "build_info",
+    "cpu_isa",
     "compare",
     "export_bitsandbytes",
     "ops",

@@ -44,3 +44,24 @@ def load() -> dict:
     except OSError as e:
         raise ImportError(f"lowbit's native library failed to load ({e}). {_REBUILD}") from e
     return info
+
+
+# What each CPU kernel level runs, per op family (csrc/cpu/isa.h says how a level is chosen).
+_CPU_PATHS = {
+    "amx": "AVX-512 kernels; int8_weight_linear beyond 8 rows on AMX-BF16 tiles; LLM.int8() beyond 8 rows "
+    "through at::_int_mm (AVX-512 VNNI)",
+    "avx512": "AVX-512 kernels: fused 4-bit and int8 GEMVs, lowbit's panel GEMM beyond 15-16 rows; LLM.int8() beyond "
+    "8 rows through at::_int_mm with AVX-512 VNNI, else lowbit's AVX2 int8 GEMM",
+    "avx2": "AVX2 kernels: vpshufb-decoded NF4/FP4 GEMV, int8 GEMVs, lowbit's AVX2 panel GEMM beyond 15-16 rows, "
+    "an exact vpmaddwd int8 GEMM for LLM.int8()",
+    "portable": "portable C++ (auto-vectorized): GEMVs up to 8 rows, decode + BLAS GEMM beyond; LLM.int8() beyond "
+    "8 rows through at::_int_mm",
+}
+
+
+def cpu_isa() -> dict:
+    """The CPU kernels lowbit runs now: {"isa": amx | avx512 | avx2 | portable, "paths": what that level runs}.
+
+    The best level this CPU has, or a lower one forced with the environment variable LOWBIT_CPU_ISA (read per call)."""
+    isa = torch.ops.lowbit.cpu_isa()
+    return {"isa": isa, "paths": _CPU_PATHS[isa]}

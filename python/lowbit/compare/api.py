@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import torch
 import transformers
 
-from .._native import build_info
+from .._native import build_info, cpu_isa
 from ..config import LowbitConfig
 from ..nn import module_nbytes
 from ..schemes import FULL_PRECISION, SCHEMES
@@ -358,7 +358,7 @@ def _free(device: torch.device) -> None:
 def _device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"CPU ({torch.get_num_threads()} threads)"
+    return f"CPU ({torch.get_num_threads()} threads, lowbit {cpu_isa()['isa']} kernels)"
 
 
 def _versions() -> dict[str, str]:
