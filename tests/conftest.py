@@ -6,7 +6,7 @@ with seeded random weights and saved to a temporary directory.
 
 import pytest
 import torch
-from helpers import DEVICES, force_cpu_isa
+from helpers import DEVICES, LOWER_CPU_LEVELS, force_cpu_isa
 
 
 @pytest.fixture(params=DEVICES)
@@ -15,12 +15,12 @@ def device(request):
     return request.param
 
 
-@pytest.fixture(params=[DEVICES[0], pytest.param("cpu-avx2", id="cpu-avx2"), pytest.param("cpu-portable", id="cpu-portable"),
+@pytest.fixture(params=[DEVICES[0], *(pytest.param(f"cpu-{isa}", id=f"cpu-{isa}") for isa in LOWER_CPU_LEVELS),
                         DEVICES[1]])  # fmt: skip
 def kernel_device(request, monkeypatch):
-    """Like `device`, plus the CPU once more for each lower kernel path it can run (LOWBIT_CPU_ISA=avx2, portable),
-    so every path this CPU can take is held to the reference: on an AVX-512 machine the AVX-512 (and AMX) kernels,
-    the AVX2 ones and the portable ones."""
+    """Like `device`, plus the CPU once more for each lower kernel path it can run (LOWBIT_CPU_ISA=avx2 and portable
+    on x86, neon and portable on Arm), so every path this CPU can take is held to the reference: on an AVX-512
+    machine the AVX-512 (and AMX) kernels, the AVX2 ones and the portable ones."""
     if request.param.startswith("cpu-"):
         force_cpu_isa(monkeypatch, request.param.removeprefix("cpu-"))
         return "cpu"

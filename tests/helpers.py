@@ -1,6 +1,7 @@
 """Shared device list, sizes and tolerance helpers for the op and layer tests."""
 
 import contextlib
+import platform
 
 import pytest
 import torch
@@ -15,6 +16,15 @@ DEVICES = [
     pytest.param("cuda", id="cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(
         not torch.cuda.is_available(), reason="no CUDA device here; these cases run on a GPU machine")]),
 ]  # fmt: skip
+
+# lowbit's CPU kernel levels on this machine's architecture, lowest first (csrc/cpu/isa.h), and the ones below the
+# top two that tests force with LOWBIT_CPU_ISA besides the native one (the portable level always among them).
+CPU_LEVELS = {
+    "x86_64": ["portable", "avx2", "avx512", "amx"], "AMD64": ["portable", "avx2", "avx512", "amx"],
+    "aarch64": ["portable", "neon", "dotprod"], "arm64": ["portable", "neon", "dotprod"],
+}.get(platform.machine(), ["portable"])  # fmt: skip
+LOWER_CPU_LEVELS = {"x86_64": ["avx2", "portable"], "AMD64": ["avx2", "portable"], "aarch64": ["neon", "portable"],
+                    "arm64": ["neon", "portable"]}.get(platform.machine(), ["portable"])  # fmt: skip
 
 # Awkward sizes on purpose: 1 (decode), 17 (odd, not a multiple of anything), 1025 (one past a
 # power of two, so blocks straddle rows and the last block is partial).
@@ -101,6 +111,8 @@ def op_cases(device="cpu"):
 def force_cpu_isa(monkeypatch, isa: str) -> None:
     """Run lowbit's CPU kernels of level `isa` (LOWBIT_CPU_ISA) for the rest of the test, or skip it, saying why,
     where this CPU cannot run them."""
+    if isa not in CPU_LEVELS:
+        pytest.skip(f"{isa} is not a CPU kernel level on {platform.machine()} (it has {', '.join(CPU_LEVELS)})")
     monkeypatch.setenv("LOWBIT_CPU_ISA", isa)
     if torch.ops.lowbit.cpu_isa() != isa:
         pytest.skip(f"this CPU cannot run lowbit's {isa} kernels (it runs {torch.ops.lowbit.cpu_isa()})")

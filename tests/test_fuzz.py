@@ -13,6 +13,7 @@ from contextlib import contextmanager
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from helpers import LOWER_CPU_LEVELS
 
 from lowbit import ops, reference
 from lowbit.fallback import REFERENCE_KERNELS
@@ -30,13 +31,14 @@ EPS32 = torch.finfo(torch.float32).eps
 blocksizes = st.sampled_from([32, 64, 128, 256, 512, 1024, 4096])
 quant_types = st.sampled_from(["nf4", "fp4"])
 dtypes = st.sampled_from(DTYPES)
-isas = st.sampled_from(["native", "avx2", "portable"])
+isas = st.sampled_from(["native", *LOWER_CPU_LEVELS])
 seeds = st.integers(0, 2**31 - 1)
 
 
 @contextmanager
 def cpu_kernels(isa):
-    """The CPU's best kernels, the AVX2 ones (or lower, on a CPU without AVX2) or the portable ones."""
+    """The CPU's best kernels, or a lower level's (the AVX2 or NEON ones, or lower on a CPU without them; the
+    portable ones)."""
     before = os.environ.get("LOWBIT_CPU_ISA")
     os.environ["LOWBIT_CPU_ISA"] = isa
     try:

@@ -5,6 +5,7 @@ import os
 import pytest
 import torch
 from helpers import (
+    CPU_LEVELS,
     DTYPES,
     K_BLOCKSIZES,
     QUANT_TYPES,
@@ -405,16 +406,18 @@ def test_int8_mm_avx2_gemm(monkeypatch, threads, M, N, K):
 
 
 def test_cpu_isa_is_chosen_by_the_environment(monkeypatch):
-    # LOWBIT_CPU_ISA caps the level at what the CPU has, and a name lowbit does not know is refused.
+    # LOWBIT_CPU_ISA caps the level at what the CPU has; a name lowbit does not know, or a level of another
+    # architecture, is refused.
     native = torch.ops.lowbit.cpu_isa()
-    levels = ["portable", "avx2", "avx512", "amx"]
+    levels = CPU_LEVELS
     for isa in levels:
         monkeypatch.setenv("LOWBIT_CPU_ISA", isa)
         assert torch.ops.lowbit.cpu_isa() == levels[min(levels.index(isa), levels.index(native))]
         assert lowbit.cpu_isa()["isa"] == torch.ops.lowbit.cpu_isa() and lowbit.cpu_isa()["paths"]
-    monkeypatch.setenv("LOWBIT_CPU_ISA", "avx3")
-    with pytest.raises(ValueError, match="LOWBIT_CPU_ISA=avx3 is not a CPU path"):
-        ops.linear_4bit(torch.randn(1, 64), *ops.quantize_4bit(torch.randn(8, 64), 64, "nf4"), 64, "nf4", (8, 64))
+    for unknown in ["avx3", "neon" if "avx2" in levels else "avx2"]:
+        monkeypatch.setenv("LOWBIT_CPU_ISA", unknown)
+        with pytest.raises(ValueError, match=f"LOWBIT_CPU_ISA={unknown} is not a CPU path lowbit has on this arch"):
+            ops.linear_4bit(torch.randn(1, 64), *ops.quantize_4bit(torch.randn(8, 64), 64, "nf4"), 64, "nf4", (8, 64))
 
 
 @pytest.mark.parametrize("threshold", [0.0, 6.0])

@@ -9,6 +9,7 @@
 
 #include "cpu/avx2.h"
 #include "cpu/int8_gemm_avx2.h"
+#include "cpu/int8_neon.h"
 #include "cpu/isa.h"
 #include "rows.h"
 #include "validate.h"
@@ -228,6 +229,14 @@ at::Tensor int8_matmul(const at::Tensor& a, const at::Tensor& b) {
     int8_gemv(ap, bp, M, N, K, o, int8_gemv_avx512_rows);
   } else if (isa == CpuIsa::avx2) {
     int8_gemv(ap, bp, M, N, K, o, int8_gemv_avx2_rows);
+  } else
+#elif LOWBIT_ARM
+  // Any number of rows: the NEON product is a tiled GEMM (int8_neon.h); at::_int_mm's speed on Arm is unmeasured.
+  const CpuIsa isa = cpu_isa();
+  if (isa == CpuIsa::dotprod) {
+    at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) { neon::int8_gemm_dotprod(ap, bp, M, N, K, o, n0, n1); });
+  } else if (isa == CpuIsa::neon) {
+    at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) { neon::int8_gemm(ap, bp, M, N, K, o, n0, n1); });
   } else
 #endif
   if (M > kMaxGemvRows && K >= 16) {

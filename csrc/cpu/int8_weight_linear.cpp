@@ -16,6 +16,7 @@
 #include "cpu/avx2.h"
 #include "cpu/dot.h"
 #include "cpu/gemm_slabs.h"
+#include "cpu/int8_neon.h"
 #include "cpu/isa.h"
 #include "cpu/panel_gemm.h"
 #include "cpu/panel_gemm_avx2.h"
@@ -243,6 +244,11 @@ at::Tensor int8_weight_linear_cpu(const at::Tensor& x, const at::Tensor& CB, con
       gemv_avx512(cb, s, xp, M, N, K, out.data_ptr<float>());
     } else if (use_avx2()) {
       gemv_avx2(cb, s, xp, M, N, K, out.data_ptr<float>());
+#elif LOWBIT_ARM
+    } else if (cpu_isa() >= CpuIsa::neon) {
+      at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+        neon::int8_weight_gemv(cb, s, xp, M, N, K, out.data_ptr<float>(), n0, n1);
+      });
 #endif
     } else {
       gemv_portable(cb, s, xp, M, N, K, out.data_ptr<float>());

@@ -19,6 +19,7 @@
 #include "cpu/gemm_slabs.h"
 #include "cpu/isa.h"
 #include "cpu/nibbles_avx2.h"
+#include "cpu/nibbles_neon.h"
 #include "cpu/panel_gemm.h"
 #include "cpu/panel_gemm_avx2.h"
 #include "formats.h"
@@ -44,6 +45,9 @@ constexpr int64_t kGemvRows = 8;
 // path switches to the slab GEMM beyond 8 rows.
 constexpr int64_t kMaxFusedRows = 15;
 constexpr int64_t kMaxPortableGemvRows = 8;
+// The NEON GEMV (4 rows of x per pass) takes the same rows as the portable one; beyond them the slab GEMM, with
+// rows decoded by NEON. Not measured: no Arm machine has run it yet (tests/arm/ checks it under an emulator).
+constexpr int64_t kMaxNeonGemvRows = kMaxPortableGemvRows;
 // The AVX2 GEMV takes 4 rows of x per pass (AVX2 has 16 vector registers: 4 rows' block sums and totals, the byte
 // planes and the decoded weights fill them) and hands over to the AVX2 panel GEMM beyond kMaxAvx2GemvRows (not
 // below 16 rows, for kMaxFusedRows' accuracy reason). Measured 2026-12-05 (Sapphire Rapids VM forced to AVX2, MKL
@@ -330,6 +334,14 @@ at::Tensor linear_4bit_cpu(const at::Tensor& x, const at::Tensor& packed, const 
     } else if (blocked_rows && isa == CpuIsa::avx2) {
       panel_gemm_avx2(N, K, x2.const_data_ptr<float>(), M, out.data_ptr<float>(),
                       Weight4Decoder{w, load_table16(w.table), __builtin_ctzll(static_cast<uint64_t>(blocksize))});
+#endif
+#if LOWBIT_ARM
+    } else if (blocked_rows && isa >= CpuIsa::neon && M <= kMaxNeonGemvRows) {
+      at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+        neon::gemv_4bit(w, x2.const_data_ptr<float>(), M, out.data_ptr<float>(), n0, n1);
+      });
+    } else if (blocked_rows && isa >= CpuIsa::neon) {
+      gemm_slabs(N, K, x2, out, [&](int64_t n0, int64_t n1, float* dst) { neon::decode_4bit_rows(w, n0, n1, dst); });
 #endif
     } else if (M > kMaxPortableGemvRows) {
       gemm_slabs(w.N, w.K, x2, out, [&](int64_t n0, int64_t n1, float* dst) {

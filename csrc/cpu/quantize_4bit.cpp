@@ -12,6 +12,7 @@
 #include "cpu/blocks.h"
 #include "cpu/isa.h"
 #include "cpu/nibbles_avx2.h"
+#include "cpu/nibbles_neon.h"
 #include "formats.h"
 #include "validate.h"
 
@@ -134,7 +135,7 @@ at::Tensor dequantize_4bit_cpu(const at::Tensor& packed, const at::Tensor& absma
   const at::Tensor scales = absmax.contiguous();
   at::Tensor out = at::empty(shape, packed.options().dtype(dtype));
   const int64_t nblocks = scales.numel();
-  [[maybe_unused]] const bool vectorized = cpu_isa() >= CpuIsa::avx2;
+  [[maybe_unused]] const bool vectorized = cpu_isa() > CpuIsa::portable;
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "dequantize_4bit", [&] {
     const uint8_t* src = q.const_data_ptr<uint8_t>();
@@ -147,6 +148,21 @@ at::Tensor dequantize_4bit_cpu(const at::Tensor& packed, const at::Tensor& absma
         if (vectorized) {
           const int64_t full = std::min(b1, n / blocksize);
           dequantize_blocks_avx2(src, amax, table, blocksize, b0, full, reinterpret_cast<float*>(dst));
+          b0 = std::max(b0, full);
+        }
+      }
+#elif LOWBIT_ARM
+      // Vectorized: float32 output, every block but a final partial one, as rows of one block each.
+      if constexpr (std::is_same_v<scalar_t, float>) {
+        if (vectorized) {
+          const int64_t full = std::min(b1, n / blocksize);
+          Weight4 blocks{};
+          blocks.packed = src;
+          blocks.N = full;
+          blocks.K = blocks.blocksize = blocksize;
+          std::copy(table, table + 16, blocks.table);
+          blocks.absmax = amax;
+          if (b0 < full) neon::decode_4bit_rows(blocks, b0, full, reinterpret_cast<float*>(dst) + b0 * blocksize);
           b0 = std::max(b0, full);
         }
       }

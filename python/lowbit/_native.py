@@ -56,11 +56,15 @@ _CPU_PATHS = {
     "an exact vpmaddwd int8 GEMM for LLM.int8()",
     "portable": "portable C++ (auto-vectorized): GEMVs up to 8 rows, decode + BLAS GEMM beyond; LLM.int8() beyond "
     "8 rows through at::_int_mm",
+    "neon": "aarch64 NEON kernels: tbl-decoded NF4/FP4 GEMV up to 8 rows, NEON decode + BLAS GEMM beyond; int8 GEMV; "
+    "a tiled exact int8 GEMM (smull + sadalp) for LLM.int8()",
+    "dotprod": "aarch64 NEON kernels as `neon`, with LLM.int8()'s int8 GEMM on sdot (FEAT_DotProd)",
 }
 
 
 def cpu_isa() -> dict:
-    """The CPU kernels lowbit runs now: {"isa": amx | avx512 | avx2 | portable, "paths": what that level runs}.
+    """The CPU kernels lowbit runs now: {"isa": amx | avx512 | avx2 | portable on x86, dotprod | neon | portable on
+    Arm, "paths": what that level runs}.
 
     The best level this CPU has, or a lower one forced with the environment variable LOWBIT_CPU_ISA (read per call)."""
     isa = torch.ops.lowbit.cpu_isa()
