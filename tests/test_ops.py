@@ -1,6 +1,9 @@
 """Every native op against its plain-PyTorch reference (lowbit.reference), opcheck, autograd and bad input."""
 
 import os
+import platform
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -387,6 +390,25 @@ def test_int8_mm_is_exact(kernel_device, M, K):
     A = torch.randint(-127, 128, (M, K), dtype=torch.int8, device=kernel_device)
     B = torch.randint(-127, 128, (33, K), dtype=torch.int8, device=kernel_device)
     assert torch.equal(ops.int8_mm(A, B), reference.int8_mm(A, B))
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="oneDNN's ISA cap names x86 levels")
+def test_int8_mm_is_exact_where_onednn_lacks_vnni():
+    # at::_int_mm's oneDNN kernels without VNNI saturate int16 pair sums and return wrong products; lowbit must not
+    # use them there. A fresh process, since oneDNN reads its ISA cap once.
+    script = """
+import os, torch, lowbit
+from lowbit import ops, reference
+a = torch.randint(-128, 128, (512, 576), dtype=torch.int8)
+b = torch.randint(-128, 128, (192, 576), dtype=torch.int8)
+a[:, :64], b[:, :64] = 127, 127
+for isa in ("native", "avx2", "portable"):
+    os.environ["LOWBIT_CPU_ISA"] = isa
+    assert torch.equal(ops.int8_mm(a, b), reference.int8_mm(a, b)), isa
+"""
+    env = dict(os.environ, ONEDNN_MAX_CPU_ISA="AVX2")
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
 
 
 @pytest.mark.parametrize("threads", [1, 3])

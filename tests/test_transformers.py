@@ -211,6 +211,28 @@ def test_save_and_reload_is_identical(tiny_llama_dir, tmp_path, scheme):
     assert resaved.keys() == load_file(tmp_path / "model.safetensors").keys()
 
 
+@pytest.mark.parametrize("scheme", ["int8", "nf4"])
+def test_a_process_that_never_imports_lowbit_loads_its_checkpoints(tiny_llama_dir, tmp_path, scheme):
+    # Plain transformers code in a fresh interpreter: lowbit_autoload.pth (installed with lowbit) has transformers
+    # import lowbit when it meets quant_method "lowbit", rather than load the int8 codes as float weights.
+    quantized = load(tiny_llama_dir, scheme)
+    quantized.save_pretrained(tmp_path / "saved")
+    ids = prompt()
+    torch.save(logits(quantized, ids), tmp_path / "want.pt")
+    script = (
+        "import sys, torch\n"
+        "from transformers import AutoModelForCausalLM\n"
+        "assert 'lowbit' not in sys.modules\n"
+        f"model = AutoModelForCausalLM.from_pretrained({str(tmp_path / 'saved')!r}, attn_implementation='eager')\n"
+        "assert 'lowbit' in sys.modules, 'transformers loaded the checkpoint without lowbit'\n"
+        f"ids = torch.randint(0, 256, (1, 16), generator=torch.Generator().manual_seed(1))\n"
+        "with torch.no_grad():\n"
+        f"    assert torch.equal(model(ids).logits, torch.load({str(tmp_path / 'want.pt')!r})), 'other logits'\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
 def test_config_round_trips_through_config_json(tiny_llama_dir, tmp_path):
     config = LowbitConfig(
         load_in_4bit=True,

@@ -17,7 +17,8 @@
 namespace lowbit {
 namespace {
 
-// Above this many rows the BLAS-backed at::_int_mm wins over the GEMV kernel below.
+// Above this many rows a GEMM (at::_int_mm with VNNI, lowbit's own on AVX2 and Arm, the float GEMM on the portable
+// level) wins over the GEMV kernels below.
 constexpr int64_t kMaxGemvRows = 8;
 
 struct RowQuantized {
@@ -74,6 +75,24 @@ LOWBIT_AVX2 void quantize_row_avx2(const float* xr, int64_t K, float s, const ui
 }
 #endif
 
+// flags[k] |= |x[m, k]| >= thr over rows [0, M) and columns [k0, k1): one pass over x, row by row, that the
+// compiler vectorizes for the caller's instruction set (a NaN compares false, so it is never an outlier). Replaces
+// (x.abs() >= thr).any(0), three ATen passes with two M x K temporaries and a strided reduction, which cost as much
+// as the int8 product itself on the built-in model's k/v projection (192 x 576).
+[[gnu::always_inline]] inline void mark_outlier_columns(const float* x, int64_t M, int64_t K, float thr, int64_t k0,
+                                                        int64_t k1, uint8_t* flags) {
+  for (int64_t m = 0; m < M; ++m) {
+    const float* xr = x + m * K;
+    for (int64_t k = k0; k < k1; ++k) flags[k] |= static_cast<uint8_t>(std::abs(xr[k]) >= thr);
+  }
+}
+#if LOWBIT_X86
+LOWBIT_AVX2 void mark_outlier_columns_avx2(const float* x, int64_t M, int64_t K, float thr, int64_t k0, int64_t k1,
+                                           uint8_t* flags) {
+  mark_outlier_columns(x, M, K, thr, k0, k1, flags);
+}
+#endif
+
 // x: float32 [M, K], contiguous.
 RowQuantized quantize_rows(const at::Tensor& x, double threshold) {
   const int64_t M = x.size(0), K = x.size(1);
@@ -81,7 +100,18 @@ RowQuantized quantize_rows(const at::Tensor& x, double threshold) {
   at::Tensor col_is_outlier;
   at::Tensor outlier_cols = at::empty({0}, x.options().dtype(at::kLong));
   if (threshold > 0 && x.numel() > 0) {
-    col_is_outlier = (x.abs() >= thr).any(0).to(at::kByte).contiguous();
+    col_is_outlier = at::zeros({K}, x.options().dtype(at::kByte));
+    const float* xp = x.const_data_ptr<float>();
+    uint8_t* flags = col_is_outlier.data_ptr<uint8_t>();
+    [[maybe_unused]] const bool vectorized = cpu_isa() >= CpuIsa::avx2;
+    // Threads take column ranges (a multiple of 64 bytes of flags, so no two write one cache line).
+    at::parallel_for(0, (K + 63) / 64, std::max<int64_t>(1, 4096 / std::max<int64_t>(M, 1)), [&](int64_t c0, int64_t c1) {
+      const int64_t k0 = c0 * 64, k1 = std::min(K, c1 * 64);
+#if LOWBIT_X86
+      if (vectorized) return mark_outlier_columns_avx2(xp, M, K, thr, k0, k1, flags);
+#endif
+      mark_outlier_columns(xp, M, K, thr, k0, k1, flags);
+    });
     outlier_cols = at::nonzero(col_is_outlier).view(-1);
   }
   const uint8_t* outlier = outlier_cols.numel() > 0 ? col_is_outlier.const_data_ptr<uint8_t>() : nullptr;
@@ -199,15 +229,50 @@ void int8_gemv(const int8_t* a, const int8_t* b, int64_t M, int64_t N, int64_t K
   at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) { rows(a16.data(), b, M, N, K, out, n0, n1); });
 }
 
-// Whether at::_int_mm is the faster many-rows product: it is with AVX-512 VNNI (vpdpbusd, 64 products per
-// instruction; 3.9-5.3x fp32 at 512 rows, measured 2026-11-29 on Sapphire Rapids), and it is not without (a slow
-// path of 26x fp32's time on an AVX2 EPYC), where lowbit's own AVX2 GEMM runs instead.
+// Whether at::_int_mm is exact here. Its oneDNN kernels are only where the CPU (and oneDNN, which
+// ONEDNN_MAX_CPU_ISA can cap) has VNNI: without it they multiply through vpmaddubsw, whose int16 pair sums saturate,
+// and return wrong sums (measured 2026-12-05, torch 2.13 on Sapphire Rapids with ONEDNN_MAX_CPU_ISA=AVX2 or
+// AVX512_CORE: off by up to 3e5 on 512 x 576 x 192; exact with AVX2_VNNI or AVX512_CORE_VNNI). That is why LLM.int8()
+// scored differently on AVX2 CPUs. So it is tried once per process on a product that saturates vpmaddubsw (every
+// pair 127 x 127 or -128 x 127), and used only if it is exact there.
+bool int_mm_is_exact() {
+  static const bool exact = [] {
+    constexpr int64_t M = 32, K = 256, N = 32;
+    const at::Tensor a = at::full({M, K}, 127, at::dtype(at::kChar));
+    a.slice(0, 0, M / 2).fill_(-128);
+    const at::Tensor b = at::full({K, N}, 127, at::dtype(at::kChar));
+    const at::Tensor want = at::full({M, N}, 127 * 127 * K, at::dtype(at::kInt));
+    want.slice(0, 0, M / 2).fill_(-128 * 127 * K);
+    return at::equal(at::_int_mm(a, b), want);
+  }();
+  return exact;
+}
+
+// Whether at::_int_mm is the faster many-rows product: with AVX-512 VNNI (vpdpbusd, 64 products per instruction;
+// 3.9-5.3x fp32 at 512 rows, measured 2026-11-29 on Sapphire Rapids) it is, and exact. Without, lowbit's AVX2 GEMM
+// runs instead.
 bool int_mm_is_fast() {
   static const bool vnni = __builtin_cpu_supports("avx512vnni");
-  return vnni && use_avx512();
+  return vnni && use_avx512() && int_mm_is_exact();
 }
 
 #endif
+
+// The portable level's many-rows product, exact through the BLAS float GEMM: an int8 product is exact in float32
+// (|p| <= 2^14), and so is every partial sum of up to 1024 of them (|sum| <= 2^24), in any order and with FMAs; so
+// each 1024-wide slice of K is one exact GEMM, and the slices add in int32. The CPU's BLAS runs at its fp32 speed.
+at::Tensor int8_matmul_through_float_gemm(const at::Tensor& a, const at::Tensor& b) {
+  constexpr int64_t kExactSlice = 1024;
+  const int64_t K = a.size(1);
+  const at::Tensor af = a.to(at::kFloat), bf = b.to(at::kFloat);
+  at::Tensor out;
+  for (int64_t k0 = 0; k0 < K || k0 == 0; k0 += kExactSlice) {
+    const int64_t k1 = std::min(K, k0 + kExactSlice);
+    const at::Tensor slice = at::mm(af.slice(1, k0, k1), bf.slice(1, k0, k1).t()).to(at::kInt);
+    out = out.defined() ? out.add_(slice) : slice;
+  }
+  return out;
+}
 
 // a: int8 [M, K], b: int8 [N, K], both contiguous -> int32 [M, N].
 at::Tensor int8_matmul(const at::Tensor& a, const at::Tensor& b) {
@@ -239,9 +304,8 @@ at::Tensor int8_matmul(const at::Tensor& a, const at::Tensor& b) {
     at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) { neon::int8_gemm(ap, bp, M, N, K, o, n0, n1); });
   } else
 #endif
-  if (M > kMaxGemvRows && K >= 16) {
-    // No vector kernel of lowbit's for this CPU: the library's product (exact, as every path).
-    return at::_int_mm(a, b.t());
+  if (M > kMaxGemvRows) {
+    return int8_matmul_through_float_gemm(a, b);
   } else {
     int8_gemv_portable(ap, bp, M, N, K, o);
   }

@@ -8,10 +8,29 @@ from pathlib import Path
 import torch
 
 _LIBRARY = "liblowbit_C.so"
-_REBUILD = (
-    "Rebuild lowbit against the installed torch: `pip install --no-build-isolation --force-reinstall --no-deps lowbit` "
-    "(or `pip install --no-build-isolation -e .` in a source checkout)."
-)
+
+
+def _rebuild_hint(built_torch: str | None = None) -> str:
+    """The command that rebuilds lowbit from where pip installed it (PEP 610's direct_url.json says where): lowbit
+    is not on PyPI, so `pip install lowbit` would find nothing."""
+    source = None
+    try:
+        from importlib.metadata import distribution
+        from urllib.parse import unquote, urlparse
+
+        direct = json.loads(distribution("lowbit").read_text("direct_url.json") or "null")
+        if direct and direct.get("url", "").startswith("file://"):
+            path, editable = unquote(urlparse(direct["url"]).path), direct.get("dir_info", {}).get("editable", False)
+            is_wheel = path.endswith(".whl")
+            source = None if is_wheel else f"{'-e ' if editable else ''}{path}"
+    except Exception:  # no metadata (a bare checkout on sys.path): the generic hint below
+        pass
+    back = f" or reinstall torch {built_torch}, the one it was built against," if built_torch else ""
+    if source is None:
+        return (f"Rebuild lowbit against the installed torch from its source checkout{back}: "
+                "`pip install --no-build-isolation --force-reinstall --no-deps .` in that checkout.")  # fmt: skip
+    return (f"Rebuild lowbit against the installed torch{back}: "
+            f"`pip install --no-build-isolation --force-reinstall --no-deps {source}`.")  # fmt: skip
 
 
 def _package_dirs() -> list[Path]:
@@ -23,7 +42,9 @@ def _find(name: str) -> Path:
     for d in _package_dirs():
         if (d / name).is_file():
             return d / name
-    raise ImportError(f"lowbit's native library ({name}) was not found in {[str(d) for d in _package_dirs()]}. {_REBUILD}")
+    raise ImportError(
+        f"lowbit's native library ({name}) was not found in {[str(d) for d in _package_dirs()]}. {_rebuild_hint()}"
+    )
 
 
 def build_info() -> dict:
@@ -38,11 +59,11 @@ def load() -> dict:
     info = build_info()
     built, running = info["torch"], torch.__version__
     if built != running:
-        raise ImportError(f"lowbit was built against torch {built} but torch {running} is installed. {_REBUILD}")
+        raise ImportError(f"lowbit was built against torch {built} but torch {running} is installed. {_rebuild_hint(built)}")
     try:
         torch.ops.load_library(info["library"])
     except OSError as e:
-        raise ImportError(f"lowbit's native library failed to load ({e}). {_REBUILD}") from e
+        raise ImportError(f"lowbit's native library failed to load ({e}). {_rebuild_hint()}") from e
     return info
 
 
