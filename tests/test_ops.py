@@ -394,37 +394,33 @@ def test_int8_mm_is_exact(kernel_device, M, K):
 
 @pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="oneDNN's ISA cap names x86 levels")
 def test_int8_mm_is_exact_where_onednn_lacks_vnni():
-    # at::_int_mm's oneDNN kernels without VNNI saturate int16 pair sums and return wrong products; lowbit must not
-    # use them there. A fresh process, since oneDNN reads its ISA cap once.
+    # at::_int_mm's oneDNN kernels without VNNI saturate int16 pair sums and return wrong products, so there lowbit
+    # runs its own GEMM beyond 8 rows (on AVX2; the float GEMM on the portable level). A fresh process with oneDNN
+    # capped below VNNI (it reads the cap once) makes every CPU such a CPU. lowbit's vpmaddwd GEMM: panels of 16
+    # weight rows (tails of 1, 7 and 1 + 16), tiles of at most 6 rows of x split evenly (13 rows: 4 + 4 + 5), pairs
+    # of k with an odd K's missing partner, the 16-k packing's scalar tail, and int8's extremes (-128 * -128 pairs),
+    # all exact, with 1 and 3 threads.
     script = """
 import os, torch, lowbit
 from lowbit import ops, reference
-a = torch.randint(-128, 128, (512, 576), dtype=torch.int8)
-b = torch.randint(-128, 128, (192, 576), dtype=torch.int8)
-a[:, :64], b[:, :64] = 127, 127
+a = torch.full((64, 256), 127, dtype=torch.int8)
+assert not torch.equal(torch._int_mm(a, a.t().contiguous()), torch.full((64, 64), 127 * 127 * 256, dtype=torch.int32)), \
+    "oneDNN's _int_mm is exact without VNNI here: this test no longer reaches lowbit's own GEMM"
 for isa in ("native", "avx2", "portable"):
     os.environ["LOWBIT_CPU_ISA"] = isa
-    assert torch.equal(ops.int8_mm(a, b), reference.int8_mm(a, b)), isa
+    for threads in (1, 3):
+        torch.set_num_threads(threads)
+        for M in (9, 13, 40, 512):
+            for N in (1, 7, 16, 17, 33):
+                for K in (1, 15, 16, 17, 100, 1025):
+                    A = torch.randint(-128, 128, (M, K), dtype=torch.int8)
+                    B = torch.randint(-128, 128, (N, K), dtype=torch.int8)
+                    A[0], B[0], A[-1, : K // 2], B[-1, : K // 2] = -128, -128, 127, 127
+                    assert torch.equal(ops.int8_mm(A, B), reference.int8_mm(A, B)), (isa, threads, M, N, K)
 """
     env = dict(os.environ, ONEDNN_MAX_CPU_ISA="AVX2")
-    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-
-
-@pytest.mark.parametrize("threads", [1, 3])
-@pytest.mark.parametrize("M", [9, 13, 40])
-@pytest.mark.parametrize("N", [1, 7, 16, 17, 33])
-@pytest.mark.parametrize("K", [1, 15, 16, 17, 100])
-def test_int8_mm_avx2_gemm(monkeypatch, threads, M, N, K):
-    # Beyond 8 rows on AVX2 (and on AVX-512 CPUs without VNNI), lowbit's own vpmaddwd GEMM: panels of 16 weight rows
-    # (tails of 1, 7 and 1 + 16), tiles of at most 6 rows of x split evenly (13 rows: 4 + 4 + 5), pairs of k with an
-    # odd K's missing partner, the 16-k packing's scalar tail, and int8's extremes (-128 * -128 pairs), all exact.
-    force_cpu_isa(monkeypatch, "avx2")
-    A = torch.randint(-128, 128, (M, K), dtype=torch.int8)
-    B = torch.randint(-128, 128, (N, K), dtype=torch.int8)
-    A[0], B[0] = -128, -128
-    with cpu_threads(threads):
-        assert torch.equal(ops.int8_mm(A, B), reference.int8_mm(A, B))
 
 
 def test_cpu_isa_is_chosen_by_the_environment(monkeypatch):

@@ -73,10 +73,10 @@ _CPU_PATHS = {
     "through at::_int_mm (AVX-512 VNNI)",
     "avx512": "AVX-512 kernels: fused 4-bit and int8 GEMVs, lowbit's panel GEMM beyond 15-16 rows; LLM.int8() beyond "
     "8 rows through at::_int_mm with AVX-512 VNNI, else lowbit's AVX2 int8 GEMM",
-    "avx2": "AVX2 kernels: vpshufb-decoded NF4/FP4 GEMV, int8 GEMVs, lowbit's AVX2 panel GEMM beyond 15-16 rows, "
-    "an exact vpmaddwd int8 GEMM for LLM.int8()",
+    "avx2": "AVX2 kernels: vpshufb-decoded NF4/FP4 GEMV, int8 GEMVs, lowbit's AVX2 panel GEMM beyond 15-16 rows; "
+    "LLM.int8() beyond 8 rows through at::_int_mm where the CPU has AVX-VNNI, else an exact vpmaddwd int8 GEMM",
     "portable": "portable C++ (auto-vectorized): GEMVs up to 8 rows, decode + BLAS GEMM beyond; LLM.int8() beyond "
-    "8 rows through at::_int_mm",
+    "8 rows through the BLAS float GEMM in exact K slices",
     "neon": "aarch64 NEON kernels: tbl-decoded NF4/FP4 GEMV up to 8 rows, NEON decode + BLAS GEMM beyond; int8 GEMV; "
     "a tiled exact int8 GEMM (smull + sadalp) for LLM.int8()",
     "dotprod": "aarch64 NEON kernels as `neon`, with LLM.int8()'s int8 GEMM on sdot (FEAT_DotProd)",
