@@ -20,8 +20,9 @@ def result(name, ppl_change, scheme, errors, est, *, bytes_per_layer=100, overri
     return ConfigResult(
         name=name,
         description=f"{name} test config",
-        config={"load_in_4bit": scheme != "int8", "load_in_8bit": scheme == "int8", "bnb_4bit_quant_type": scheme,
-                "llm_int8_threshold": 6.0, "module_overrides": overrides or {}},
+        config={"load_in_4bit": not scheme.startswith("int8"), "load_in_8bit": scheme.startswith("int8"),
+                "bnb_4bit_quant_type": scheme, "llm_int8_threshold": 6.0, "llm_int8_weight_only": scheme == "int8-wo",
+                "module_overrides": overrides or {}},
         quantize_seconds=0.5,
         linear_bytes=bytes_per_layer * len(LAYERS),
         total_bytes=bytes_per_layer * len(LAYERS) + 1000,
@@ -184,8 +185,35 @@ def test_proposal_keeps_the_base_when_it_fits(report):
 
 def test_proposal_falls_back_to_full_precision_when_int8_misses_the_budget(report):
     proposal = propose(report.results[1:], budget=0.001)  # int8 alone costs 0.2%
-    assert set(proposal.overrides.values()) == {"none"}
-    assert proposal.promoted == len(LAYERS)  # only an all-full model meets 0.1%
+    assert set(proposal.overrides.values()) == {"none"} and proposal.high == "full precision"
+    # nf4 would need every layer in full precision (2400 bytes); int8 with 4 of its 6 layers full is 1820.
+    assert proposal.base == "int8" and proposal.promoted == 4
+
+
+def test_proposal_considers_every_measured_scheme(report):
+    # int8-wo (as small as int8, more accurate) is measured too: promoting nf4's layers to it beats int8.
+    int8_wo = result("int8-wo", 0.001, "int8-wo", [0.005] * 6, [0.00015] * 6, bytes_per_layer=110)
+    proposal = propose([*report.results[1:], int8_wo], budget=0.03)
+    assert proposal.base == "nf4" and proposal.high == "int8-wo"
+    assert set(proposal.overrides.values()) == {"int8-wo"}
+    from lowbit import LowbitConfig
+
+    config = LowbitConfig(**proposal.config)
+    assert config.scheme_for(LAYERS[1]) == "int8-wo" and config.scheme_for(LAYERS[0]) == "nf4"
+
+
+def test_proposal_is_a_uniform_config_that_already_meets_the_budget():
+    # Promoting nf4's costly layers to full precision would take more bytes than int8-wo as it is.
+    nf4 = result("nf4", 0.30, "nf4", [0.1] * 6, [0.05] * 6, bytes_per_layer=60)
+    int8_wo = result("int8-wo", 0.004, "int8-wo", [0.01] * 6, [0.0006] * 6, bytes_per_layer=110)
+    proposal = propose([nf4, int8_wo], budget=0.005)
+    assert proposal.base == "int8-wo" and proposal.promoted == 0 and proposal.overrides == {}
+    proposal.result, proposal.measured_change = "int8-wo", 0.004
+    report = make_report(nf4, int8_wo, proposal=proposal)
+    assert "int8-wo meets it as it is (+0.40%)" in report.to_markdown()
+    # The sensitivity table keeps every config's column when the proposal is one of them.
+    header, _ = report.sensitivity_table()
+    assert header == ["layer", "nf4", "int8-wo"]
 
 
 def test_proposal_needs_measured_layers():
@@ -204,3 +232,33 @@ def test_patterns_group_layer_indices():
 
     matched = [n for n in everything if any(re.search(p, n) for p in patterns)]
     assert sorted(matched) == sorted(chosen)
+
+
+def test_what_to_use_names_the_smallest_config_within_each_budget(report):
+    int8_wo = result("int8-wo", 0.001, "int8-wo", [0.005] * 6, [0.00015] * 6, bytes_per_layer=110)
+    report = make_report(report["int8"], int8_wo, report["nf4"])
+    line = report.to_markdown().split("What to use: ")[1].split("\n")[0]
+    # int8-wo ties int8 on bytes and wins on perplexity within +0.5% to +2%; nf4 (+5%) is the smallest within +5%.
+    assert line.startswith("within +0.5%, +1%, +2%: int8-wo (0.0 MB linear, ×0.28; perplexity +0.10%)")
+    assert "within +5%: nf4" in line and "smallest measured" not in line
+    assert report.advice((0.001,))[-1][1].name == "nf4"  # smallest overall, named even outside every budget
+
+
+def test_busy_machine_timings_are_flagged(report):
+    assert "Warning" not in report.to_markdown()
+    report["nf4"].speed = Speed(128, 12.5, 3.25, prefill_spread=0.6, decode_spread=0.1)
+    md = report.to_markdown()
+    assert "Warning: the timed runs of nf4 differed by more than 25%" in md
+    assert "12.5 ±30%" in md  # the spread, as ± half of it
+
+
+def test_html_keeps_the_newlines_of_generated_code(report):
+    report["nf4"].generations[0].text = "def f():\n    return 1"
+    page = report._repr_html_()
+    assert "white-space: pre-wrap" in page and "():\n    return 1</mark>" in page
+
+
+def test_repr_is_a_summary_not_a_field_dump(report):
+    text = repr(report)
+    assert text.startswith("lowbit compare: tiny on CPU") and "perplexity (Δ)" in text and "What to use" in text
+    assert "LayerError(" not in text and len(text.splitlines()) < 15

@@ -42,7 +42,7 @@ SPEED_PROMPT_TOKENS = 128
 SPEED_DECODE_STEPS = 16
 
 _CONFIG_FIELDS = (
-    "load_in_8bit", "load_in_4bit", "llm_int8_threshold", "llm_int8_skip_modules",
+    "load_in_8bit", "load_in_4bit", "llm_int8_threshold", "llm_int8_weight_only", "llm_int8_skip_modules",
     "bnb_4bit_quant_type", "bnb_4bit_use_double_quant", "blocksize", "scale_search", "module_overrides",
 )  # fmt: skip
 
@@ -316,11 +316,10 @@ def _propose_and_measure_mix(
     proposal = propose(measured, budget)
     if proposal.promoted:
         bench.progress.total += bench.steps_per_config
-        high = next(iter(proposal.overrides.values()))
-        description = f"{proposal.base} with {proposal.promoted} layer(s) in {'full precision' if high == 'none' else high}"
+        description = f"{proposal.base} with {proposal.promoted} layer(s) in {proposal.high}"
         mix = _measure_config(bench, baseline, "mixed", description, LowbitConfig(**proposal.config))
         new_results = [mix]
-    else:  # the 4-bit base already fits: it is the proposal
+    else:  # a measured config already meets the budget and nothing smaller is predicted to: it is the proposal
         mix = next(r for r in measured if r.name == proposal.base)
         new_results = []
     proposal.result, proposal.measured_change = mix.name, mix.ppl_change

@@ -187,17 +187,27 @@ class Speed:
     tokens: int  # prompt length of the prefill
     prefill_ms: float
     decode_ms_per_token: float
+    # (slowest − fastest) / median over the runs: how far the runs disagreed (a busy machine shows here).
+    prefill_spread: float = 0.0
+    decode_spread: float = 0.0
+
+
+def _spread(values: list[float]) -> float:
+    return (max(values) - min(values)) / statistics.median(values) if values and statistics.median(values) > 0 else 0.0
 
 
 def measure_speed(model, ids: torch.Tensor, decode_steps: int, repeats: int = 3) -> Speed:
-    """Median prefill time over `repeats` runs (after one warm-up) and median decode step time."""
+    """Median prefill time over `repeats` runs (after one warm-up) and median decode step time, each with the
+    spread of the runs' own figures."""
     greedy(model, ids[:8], 2)  # warm-up: first-call allocations and kernel selection
-    prefills, steps = [], []
+    prefills, steps, run_steps = [], [], []
     for _ in range(repeats):
         _, prefill, step_times = greedy(model, ids, decode_steps + 1)
         prefills.append(prefill)
         steps.extend(step_times)
-    return Speed(len(ids), statistics.median(prefills) * 1e3, statistics.median(steps) * 1e3)
+        run_steps.append(statistics.median(step_times))
+    return Speed(len(ids), statistics.median(prefills) * 1e3, statistics.median(steps) * 1e3,
+                 _spread(prefills), _spread(run_steps))  # fmt: skip
 
 
 @dataclass

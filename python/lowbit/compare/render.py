@@ -18,13 +18,15 @@ from .evaluate import Generation
 if TYPE_CHECKING:  # report.py imports this module for its methods, so only type checkers import it back
     from .report import LayerError, Report
 
+TIMING_SPREAD_LIMIT = 0.25  # report.TIMING_SPREAD_LIMIT (not imported: report.py imports this module)
+
 MB = 1e6  # sizes are shown in decimal megabytes
 
 _COLUMN_NOTES = (
     "linear = the linear layers quantization shrinks; model = all weights. "
     "KL = KL(full ‖ quantized) per next-token distribution, nats. top-1 = same argmax as full precision; "
     "top-5 = overlap of the top-5 sets. err = ‖quantized − full‖ / ‖full‖ of final logits / last hidden state. "
-    "prefill/decode: median wall time on the device above."
+    "prefill/decode: median wall time on the device above, ± the spread of its runs ((slowest − fastest) / median)."
 )
 
 _SENSITIVITY_NOTE = (
@@ -57,8 +59,8 @@ def display_table(report: Report) -> tuple[list[str], list[list[str]]]:
                 _fmt(row["top5"], "{:.1%}"),
                 _fmt(row["logits_rel_error"], "{:.2%}"),
                 _fmt(row["hidden_rel_error"], "{:.2%}"),
-                _fmt(row["prefill_ms"], "{:.1f}"),
-                _fmt(row["decode_ms_per_token"], "{:.1f}"),
+                _timing(row["prefill_ms"], row["prefill_spread"]),
+                _timing(row["decode_ms_per_token"], row["decode_spread"]),
             ]
         )
     return header, cells
@@ -96,14 +98,45 @@ def sensitivity_table(report: Report, top: int = 10) -> tuple[list[str], list[li
     return header, cells
 
 
+def _timing(ms, spread) -> str:
+    if ms is None:
+        return "—"
+    return f"{ms:.1f}" if not spread else f"{ms:.1f} ±{spread / 2:.0%}"
+
+
+def timing_warning(report: Report) -> str | None:
+    """A warning when timed runs of some config disagreed: the machine was busy and the speeds are not reliable."""
+    names = report.timing_disagreements()
+    if not names:
+        return None
+    return (f"Warning: the timed runs of {', '.join(names)} differed by more than {TIMING_SPREAD_LIMIT:.0%} "
+            "between fastest and slowest: the machine was busy, so the prefill/decode columns may be off by as much. "
+            "Rerun on a quiet machine to compare speeds.")  # fmt: skip
+
+
+def advice_line(report: Report) -> str | None:
+    """One line: the smallest measured config within common perplexity budgets."""
+    parts = []
+    for budgets, r in report.advice():
+        what = f"{r.name} ({r.linear_bytes / MB:.1f} MB linear, ×{r.linear_ratio:.2f}; perplexity {r.ppl_change:+.2%})"
+        if budgets:
+            parts.append(f"within {', '.join(f'+{b:.1%}'.replace('.0%', '%') for b in budgets)}: {what}")
+        else:
+            parts.append(f"smallest measured: {what}")
+    return "What to use: " + "; ".join(parts) + "." if parts else None
+
+
 def proposal_lines(report: Report) -> list[str]:
     """The mixed-precision proposal, its overrides and its measured verdict, one line each."""
     p = report.proposal
     if p is None:
         return []
+    if not p.promoted:
+        return [f"Budget: perplexity +{p.budget:.2%} at most. {p.base} meets it as it is "
+                f"({p.measured_change:+.2%}), and no mix of the measured configs is predicted to be smaller."]  # fmt: skip
     lines = [
         f"Budget: perplexity +{p.budget:.2%} at most. Proposed: {p.base} with {p.promoted} "
-        f"layer(s) in higher precision, predicted {p.predicted_change:+.2%}.",
+        f"layer(s) in {p.high}, predicted {p.predicted_change:+.2%}.",
     ]
     lines += [f"  {pattern!r}: {scheme}" for pattern, scheme in p.overrides.items()]
     if p.measured_change is not None:
@@ -116,13 +149,32 @@ def proposal_lines(report: Report) -> list[str]:
     return lines
 
 
+def _headline(report: Report) -> list[str]:
+    """What every rendering says right under the summary: a timing warning, if any, and what to use."""
+    return [line for line in (timing_warning(report), advice_line(report)) if line]
+
+
 # ---- text renderings ------------------------------------------------------------------
+def to_text(report: Report) -> str:
+    """A plain-text summary (what `repr(report)` shows in a REPL): the setup, the summary table and the headline."""
+    header, cells = display_table(report)
+    widths = [max(len(h), *(len(row[i]) for row in cells)) for i, h in enumerate(header)]
+    lines = [f"lowbit compare: {report.setup}."]
+    lines += ["  ".join(v.ljust(w) if i == 0 else v.rjust(w) for i, (v, w) in enumerate(zip(values, widths)))
+              for values in [header, *cells]]  # fmt: skip
+    lines += _headline(report) + proposal_lines(report)
+    lines.append("(report.print() for every table, report.save(dir) for files, report.to_dataframe() for data)")
+    return "\n".join(lines)
+
+
 def to_markdown(report: Report, path=None, top_layers: int = 10) -> str:
     out = ["# lowbit compare", "", report.setup + ".", ""]
     if report.model_note:
         out += [f"Note: {report.model_note}.", ""]
     out += _md_table(*display_table(report)) + [""]
     out += [_COLUMN_NOTES, ""]
+    headline = _headline(report)
+    out += [*headline, ""] if headline else []
     if any(r.layers for r in report.results):
         out += [f"## Most sensitive layers (top {top_layers})", "", _sensitivity_note(report), ""]
         out += _md_table(*sensitivity_table(report, top_layers)) + [""]
@@ -150,6 +202,7 @@ def to_html(report: Report) -> str:
     if report.model_note:
         parts.append(f"<p><i>Note: {html.escape(report.model_note)}.</i></p>")
     parts.append(table(*display_table(report)))
+    parts += [f"<p><b>{html.escape(line)}</b></p>" for line in _headline(report)]
     if any(r.layers for r in report.results):
         note = html.escape(_sensitivity_note(report))
         parts += [f"<p><b>Most sensitive layers</b><br>{note}</p>", table(*sensitivity_table(report))]
@@ -157,7 +210,9 @@ def to_html(report: Report) -> str:
         parts.append("<p><b>Mixed precision</b><br>" + "<br>".join(map(html.escape, proposal_lines(report))) + "</p>")
     for prompt, gens in report.generation_blocks():
         rows = "".join(
-            f"<tr><td>{html.escape(name)}</td><td>{_marked(g, html_mark=True)}</td></tr>" for name, g in gens
+            f"<tr><td>{html.escape(name)}</td><td style='white-space: pre-wrap; text-align: left'>"
+            f"{_marked(g, html_mark=True)}</td></tr>"
+            for name, g in gens
         )
         parts.append(f"<p><b>{html.escape(prompt)}</b></p><table>{rows}</table>")
     return "\n".join(parts)
@@ -185,6 +240,7 @@ def to_rich(report: Report):
     parts.append(table("Memory and speed", header, cells, [0, 1, 2, 3, 11, 12]))
     parts.append(table("Accuracy against full precision", header, cells, [0, 4, 5, 6, 7, 8, 9, 10]))
     parts.append(Text(_COLUMN_NOTES, style="dim"))
+    parts += [Text(line, style="bold yellow" if line.startswith("Warning") else "bold") for line in _headline(report)]
     if any(r.layers for r in report.results):
         header, cells = sensitivity_table(report)
         parts.append(table("Most sensitive layers (err / Δppl est / measured)", header, cells, range(len(header))))

@@ -13,6 +13,12 @@ from .evaluate import Generation, Speed
 from .metrics import Agreement, rank_correlation
 
 
+# The perplexity budgets the report's "what to use" line answers for.
+ADVICE_BUDGETS = (0.005, 0.01, 0.02, 0.05)
+# Timed runs of one config further apart than this (relative to their median) make the report warn.
+TIMING_SPREAD_LIMIT = 0.25
+
+
 @dataclass
 class LayerError:
     name: str
@@ -57,6 +63,7 @@ class MixProposal:
     config: dict  # LowbitConfig fields of the proposed mix, module_overrides included
     promoted: int  # layers moved to higher precision
     predicted_change: float
+    high: str | None = None  # what promoted layers become: a measured config's name, or "full precision"
     result: str | None = None  # name of the measured ConfigResult
     measured_change: float | None = None
 
@@ -129,7 +136,9 @@ class Report:
                     "logits_rel_error": a.logits_rel_error if a else None,
                     "hidden_rel_error": a.hidden_rel_error if a else None,
                     "prefill_ms": r.speed.prefill_ms if r.speed else None,
+                    "prefill_spread": r.speed.prefill_spread if r.speed else None,
                     "decode_ms_per_token": r.speed.decode_ms_per_token if r.speed else None,
+                    "decode_spread": r.speed.decode_spread if r.speed else None,
                 }
             )
         return rows
@@ -143,9 +152,35 @@ class Report:
         return dataclasses.asdict(self) | {"summary": self.summary_rows()}
 
     def sensitivity_results(self) -> list[ConfigResult]:
-        """Configs with per-layer errors, less the proposed mix (its layers are a subset of its base's)."""
-        mix = self.proposal.result if self.proposal else None
+        """Configs with per-layer errors, less a proposed mix (its layers are a subset of its base's). A proposal
+        that promotes nothing is a measured config, which keeps its place."""
+        mix = self.proposal.result if self.proposal and self.proposal.promoted else None
         return [r for r in self.results if r.layers and r.name != mix]
+
+    def advice(self, budgets=ADVICE_BUDGETS) -> list[tuple[list[float], ConfigResult]]:
+        """What to use: for each perplexity budget, the measured config with the fewest linear bytes within it (the
+        smaller change on a tie), budgets with the same answer grouped; then the smallest config overall when it
+        is none of those, with an empty budget list."""
+        quantized = [r for r in self.results[1:] if r.agreement is not None]
+        smallest = min(quantized, key=lambda r: (r.linear_bytes, r.ppl_change), default=None)
+        grouped: list[tuple[list[float], ConfigResult]] = []
+        for budget in budgets:
+            within = [r for r in quantized if r.ppl_change <= budget]
+            if not within:
+                continue
+            best = min(within, key=lambda r: (r.linear_bytes, r.ppl_change))
+            if grouped and grouped[-1][1] is best:
+                grouped[-1][0].append(budget)
+            else:
+                grouped.append(([budget], best))
+        if smallest is not None and all(r is not smallest for _, r in grouped):
+            grouped.append(([], smallest))
+        return grouped
+
+    def timing_disagreements(self, limit: float = TIMING_SPREAD_LIMIT) -> list[str]:
+        """Configs whose timed runs disagreed by more than `limit` (relative spread of prefill or decode)."""
+        return [r.name for r in self.results
+                if r.speed and max(r.speed.prefill_spread, r.speed.decode_spread) > limit]  # fmt: skip
 
     def estimate_agreement(self) -> dict[str, tuple[float | None, int]]:
         """Per config with measured layers: (Spearman rank correlation of the estimated and the measured
@@ -182,6 +217,10 @@ class Report:
 
     def _repr_html_(self) -> str:
         return render.to_html(self)
+
+    def __repr__(self) -> str:
+        # A REPL shows the summary, not the dataclass's every field (report.to_dict() has those).
+        return render.to_text(self)
 
     def __rich__(self):
         return render.to_rich(self)
