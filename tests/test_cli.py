@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from lowbit.cli import _fraction, main
+from lowbit.cli import _percentage, main
 
 SMALL = ["--tokens", "120", "--context", "64", "--stride", "32", "--new-tokens", "3", "--prompt", "Hi", "--no-progress"]
 
@@ -65,7 +65,27 @@ def test_missing_extra_names_it(tiny_llama_dir, monkeypatch, capsys):
 
 
 def test_percentages():
-    assert _fraction("1%") == pytest.approx(0.01) and _fraction("0.02") == 0.02
-    with pytest.raises(Exception, match="percentage"):
-        _fraction("lots")
+    assert _percentage("1%") == pytest.approx(0.01) and _percentage("0.5%") == pytest.approx(0.005)
+    for ambiguous in ("1", "0.02", "lots", "x%"):  # a bare 1 could be 1% or 100%: refused, not guessed
+        with pytest.raises(Exception, match="percentage"):
+            _percentage(ambiguous)
+
+
+def test_the_command_answers_help_and_version_without_importing_torch():
+    script = ("import sys, lowbit_cli; lowbit_cli.main(['--help']); lowbit_cli.main(['--version']); "
+              "assert 'torch' not in sys.modules, 'the front imported torch'")  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
+    assert "compare" in out and "export-model" in out and out.strip().splitlines()[-1].startswith("lowbit 0.")
+    assert "built against torch" in out
+
+
+def test_bad_model_path_is_named_at_once(capsys):
+    assert main(["compare", "no-such-model-dir", *SMALL]) == 2
+    assert "no model at 'no-such-model-dir'" in capsys.readouterr().err
+
+
+def test_export_model_writes_a_model_directory(tiny_llama_dir, tmp_path, capsys):
+    assert main(["export-model", str(tmp_path / "copy"), str(tiny_llama_dir), "--no-progress"]) == 0
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in (tmp_path / "copy").iterdir()}
+    assert "from_pretrained" in capsys.readouterr().out
 

@@ -1,30 +1,42 @@
-"""The `lowbit` command line: `lowbit compare [MODEL] ...`."""
+"""The `lowbit` command line: `lowbit compare [MODEL] ...`, `lowbit export-model DIR`. The installed `lowbit`
+command starts in `lowbit_cli` (site-packages), which answers --help and --version without importing lowbit."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
+from lowbit_cli import COMMANDS, version
+
 from .compare import api, presets
 from .compare._optional import require
 
 
-def _fraction(text: str) -> float:
-    """'1%' → 0.01; a bare number is taken as a fraction ('0.01' → 0.01)."""
+def _percentage(text: str) -> float:
+    """'1%' → 0.01. The % is required: a bare '1' could mean 1% or 100% (as a fraction), and guessing either way
+    silently changes the budget a hundredfold."""
+    if not text.endswith("%"):
+        raise argparse.ArgumentTypeError(f"write the budget as a percentage, like 1% or 0.5%; got {text!r}")
     try:
-        return float(text[:-1]) / 100 if text.endswith("%") else float(text)
+        return float(text[:-1]) / 100
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a percentage like 1% or a fraction like 0.01, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected a percentage like 1% or 0.5%, got {text!r}") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lowbit", description="8-bit and 4-bit quantized linear layers for PyTorch."
     )
+    parser.add_argument("--version", action="version", version=version())
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    export = commands.add_parser("export-model", help=COMMANDS["export-model"], description=COMMANDS["export-model"] + (
+        ". Every example that takes a model path can then use DIR offline."))  # fmt: skip
+    export.add_argument("directory", metavar="DIR", help="where to write config.json, the weights and the tokenizer")
+    export.add_argument("model", nargs="?", metavar="MODEL", help="model directory or .gguf file (default: built-in SmolLM2)")
+    export.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
     cmp = commands.add_parser(
         "compare",
-        help="measure quantization configs against full precision",
+        help=COMMANDS["compare"],
         description=(
             "Load a causal LM in full precision and under each quantization config, and report memory, "
             "perplexity, next-token agreement, per-layer sensitivity, generations and speed. "
@@ -49,8 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.add_argument("--stride", type=int, default=api.DEFAULT_STRIDE, help="window advance in tokens (default: %(default)s)")
     cmp.add_argument("--new-tokens", type=int, default=api.DEFAULT_NEW_TOKENS, help="tokens per generation (default: %(default)s)")
     cmp.add_argument(
-        "--max-ppl-increase", type=_fraction, metavar="PCT",
-        help="perplexity budget, e.g. 1%%: propose a mixed-precision config meeting it and measure it",
+        "--max-ppl-increase", type=_percentage, metavar="PCT",
+        help="perplexity budget as a percentage, e.g. 1%%: propose the smallest config meeting it (a measured one, "
+        "or a mix of them) and measure it",
     )  # fmt: skip
     cmp.add_argument("--no-sensitivity", action="store_true", help="skip the per-layer errors")
     cmp.add_argument("--no-timing", action="store_true", help="skip prefill/decode timing")
@@ -64,7 +77,21 @@ def main(argv=None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
+    if args.command == "export-model":
+        return _export_model(args)
     return _compare(args, parser)
+
+
+def _export_model(args) -> int:
+    from .compare.models import export_model
+
+    try:
+        directory = export_model(args.directory, args.model, progress=not args.no_progress)
+    except (ImportError, ValueError, OSError) as e:
+        print(f"lowbit export-model: error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {directory}: load it with AutoModelForCausalLM.from_pretrained({directory!r})")
+    return 0
 
 
 def _compare(args, parser) -> int:

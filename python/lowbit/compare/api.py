@@ -87,7 +87,7 @@ def compare(
         raise ValueError("max_ppl_increase needs the per-layer errors: leave sensitivity=True")
     tqdm = require("tqdm", "the progress bar").tqdm if progress else None  # before the slow load: fail fast
 
-    loaded = load_full_precision(model_or_path, tokenizer, device)
+    loaded = load_full_precision(model_or_path, tokenizer, device, progress)
     if text is None:
         text, text_source = default_text(), text_source or "CPython's pydoc_data.topics"
     ids, windows = _tokenize_into_windows(loaded, text, max_tokens, context, stride)

