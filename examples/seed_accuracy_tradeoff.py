@@ -1,8 +1,10 @@
 """The accuracy-tradeoff example from the seed document, with lowbit as the quantization backend.
 
 Only two things differ from the original: `BitsAndBytesConfig` comes from lowbit, and the model is
-taken from the command line (or $LOWBIT_EXAMPLE_MODEL) so it runs on a local checkpoint:
+taken from the command line (or $LOWBIT_EXAMPLE_MODEL), by default lowbit's built-in SmolLM2 written
+once as a model directory, so it runs offline:
 
+    python examples/seed_accuracy_tradeoff.py                       # the built-in SmolLM2
     python examples/seed_accuracy_tradeoff.py /path/to/llama-checkpoint
 
 The document's "Common variations" 4-bit snippet follows the main script unchanged.
@@ -15,11 +17,10 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lowbit import BitsAndBytesConfig
+from lowbit.compare import default_model_directory
 
 # Load tokenizer
-model_name = sys.argv[1] if len(sys.argv) > 1 else os.environ.get(
-    "LOWBIT_EXAMPLE_MODEL", "meta-llama/Llama-3.1-8B-Instruct"
-)
+model_name = sys.argv[1] if len(sys.argv) > 1 else os.environ.get("LOWBIT_EXAMPLE_MODEL") or default_model_directory()
 tokenizer = AutoTokenizer.from_pretrained(model_name)
 
 # Load full precision model

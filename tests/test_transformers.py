@@ -386,6 +386,16 @@ def test_inconsistent_quant_state_fails_loading_with_the_reason(saved, edit, mes
 # --- the seed document's script -------------------------------------------------------------------
 
 
+@pytest.mark.slow
+def test_seed_example_runs_offline_on_the_built_in_model(tmp_path):
+    script = REPO / "examples" / "seed_accuracy_tradeoff.py"
+    env = dict(os.environ, TRANSFORMERS_OFFLINE="1", HF_HUB_OFFLINE="1", LOWBIT_CACHE_DIR=str(tmp_path))
+    env.pop("LOWBIT_EXAMPLE_MODEL", None)
+    run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=900)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "8-bit quantized output:" in run.stdout and (tmp_path / "SmolLM2-135M-Instruct" / "config.json").is_file()
+
+
 def test_seed_example_runs_on_a_local_checkpoint(tiny_llama_dir):
     script = REPO / "examples" / "seed_accuracy_tradeoff.py"
     env = dict(os.environ, TRANSFORMERS_OFFLINE="1", HF_HUB_OFFLINE="1")

