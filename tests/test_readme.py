@@ -10,16 +10,66 @@ import torch
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
+def sections_with_python() -> dict[str, str]:
+    """Every README heading (## or ###) whose own text has ```python blocks, with their code."""
+    found = {}
+    for part in re.split(r"\n(?=#{2,3} )", README.read_text()):
+        heading = part.split("\n", 1)[0].lstrip("#").strip()
+        code = re.findall(r"```python\n(.*?)```", part, re.DOTALL)
+        if code:
+            found[heading] = "\n".join(code)
+    return found
+
+
 def run_section(section: str, model_dir, workdir, monkeypatch) -> dict:
-    """Execute the ```python blocks under the README heading `section`; return their namespace."""
-    text = README.read_text().split(f"\n## {section}\n", 1)[1].split("\n## ", 1)[0]
-    code = "\n".join(re.findall(r"```python\n(.*?)```", text, re.DOTALL))
-    code, found = re.subn(r'^path = "[^"]*"', f"path = {str(model_dir)!r}", code, count=1, flags=re.MULTILINE)
-    assert found, f'the README section {section!r} names its model in a `path = "..."` line'
+    """Execute the ```python blocks under the README heading `section` as written, in `workdir`, with the built-in
+    model (lowbit.compare.default_model_directory()) standing in for the tiny one at `model_dir`; return their
+    namespace."""
+    import lowbit.compare
+
+    monkeypatch.setattr(lowbit.compare, "default_model_directory", lambda *args, **kwargs: str(model_dir))
+    code = sections_with_python()[section]
     monkeypatch.chdir(workdir)
     namespace = {}
     exec(compile(code, f"{README}: {section}", "exec"), namespace)
     return namespace
+
+
+TESTED_SECTIONS = {"Use it from transformers", "Use it without transformers", "Better 4-bit at the same size",
+                   "Fine-tune with LoRA", "Serve elsewhere", "Accuracy report", "Accuracy budgets in your own tests"}
+
+
+def test_every_python_snippet_is_run_by_a_test():
+    assert set(sections_with_python()) == TESTED_SECTIONS
+
+
+def test_use_it_from_transformers(tiny_llama_dir, tmp_path, monkeypatch):
+    import lowbit
+
+    ns = run_section("Use it from transformers", tiny_llama_dir, tmp_path, monkeypatch)
+    assert isinstance(ns["again"].model.layers[0].mlp.down_proj, lowbit.Linear8bit)
+    assert isinstance(ns["model"].model.layers[0].mlp.down_proj, lowbit.Linear8bit)  # the bitsandbytes checkpoint
+
+
+def test_use_it_without_transformers(tiny_llama_dir, tmp_path, monkeypatch):
+    import lowbit
+
+    ns = run_section("Use it without transformers", tiny_llama_dir, tmp_path, monkeypatch)
+    assert isinstance(ns["model"][0], lowbit.Linear4bit) and isinstance(ns["layer"], lowbit.Linear4bit)
+
+
+def test_accuracy_report(tiny_llama_dir, tmp_path, monkeypatch):
+    ns = run_section("Accuracy report", tiny_llama_dir, tmp_path, monkeypatch)
+    assert [r.name for r in ns["report"].results][:3] == ["full", "int8", "nf4"]
+    assert {"report.md", "summary.csv"} <= {p.name for p in (tmp_path / "out").iterdir()}
+
+
+def test_accuracy_budgets_in_your_own_tests(tiny_llama_dir, tmp_path, monkeypatch):
+    ns = run_section("Accuracy budgets in your own tests", tiny_llama_dir, tmp_path, monkeypatch)
+    try:  # a tiny random model may miss SmolLM2's budget: what matters is that the snippet reaches a verdict
+        ns["test_int8_stays_within_budget"]()
+    except AssertionError as e:
+        assert "perplexity" in str(e)
 
 
 def test_fine_tune_with_lora(tiny_llama_dir, tmp_path, monkeypatch):
