@@ -49,8 +49,9 @@ def plot_tradeoff(report, path=None):
 
 
 def plot_sensitivity(report, path=None, top: int = 20):
-    """Per-layer bars for the `top` most costly layers under each config: relative output
-    error (left) and the estimated perplexity change were only that layer quantized (right)."""
+    """Per-layer bars for the `top` most costly layers under each config: relative output error (left, log scale:
+    always positive) and, right, the perplexity change were only that layer quantized, signed: the first-order
+    estimate as a bar, the measurement (each config's costliest few) as a black diamond on it."""
     plt = _pyplot()
     configs = report.sensitivity_results()
     if not configs:
@@ -59,29 +60,43 @@ def plot_sensitivity(report, path=None, top: int = 20):
     by_config = {r.name: {layer.name: layer for layer in r.layers} for r in configs}
     height = 0.8 / len(configs)
     fig, axes = plt.subplots(
-        1, 2, sharey=True, figsize=(11, 1.5 + 0.22 * len(names) * max(1.0, len(configs) / 2.5)), dpi=120
+        1, 2, sharey=True, figsize=(11, 2.2 + 0.22 * len(names) * max(1.0, len(configs) / 2.5)), dpi=120
     )
-    panels = (
-        (axes[0], lambda e: e.rel_error, "relative output error (%)"),
-        (axes[1], lambda e: e.est_ppl_change, "estimated perplexity change,\nonly this layer quantized (%)"),
-    )
-    floor = 1e-4  # percent; log axes cannot show zero or a (noise-level) negative estimate
-    for ax, value, label in panels:
-        for i, r in enumerate(configs):
-            ys = [j + (i - (len(configs) - 1) / 2) * height for j in range(len(names))]
-            xs = [max(value(by_config[r.name][n]) * 100, floor) if n in by_config[r.name] else 0 for n in names]
-            ax.barh(ys, xs, height=height, label=r.name)
-        ax.set_xscale("log")
-        ax.set_xlabel(label + ", log scale")
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    measured_shown = False
+    for i, r in enumerate(configs):
+        color = colors[i % len(colors)]
+        ys = [j + (i - (len(configs) - 1) / 2) * height for j in range(len(names))]
+        layers = [by_config[r.name].get(n) for n in names]
+        axes[0].barh(ys, [e.rel_error * 100 if e else 0 for e in layers], height=height, color=color, label=r.name)
+        axes[1].barh(ys, [e.est_ppl_change * 100 if e else 0 for e in layers], height=height, color=color, alpha=0.55)
+        measured = [(e.measured_ppl_change * 100, y) for e, y in zip(layers, ys) if e and e.measured_ppl_change is not None]
+        if measured:
+            axes[1].scatter([m for m, _ in measured], [y for _, y in measured], marker="D", s=18, color="black",
+                            zorder=3, label=None if measured_shown else "measured (only that layer quantized)")  # fmt: skip
+            measured_shown = True
+    axes[0].set_xscale("log")
+    axes[0].set_xlabel("relative output error (%), log scale")
+    # Signed: a symmetric log scale, linear within ±0.01%, so small, large and negative costs all show.
+    axes[1].set_xscale("symlog", linthresh=0.01)
+    axes[1].axvline(0, color="grey", lw=1)
+    axes[1].margins(x=0.08)  # room for a measurement beyond every bar
+    axes[1].set_xlabel("perplexity change, only this layer quantized (%):\nbars estimated (first order), diamonds measured")
+    for ax in axes:
         ax.grid(axis="x", alpha=0.3, which="major")
     axes[0].set_yticks(range(len(names)), names, fontsize=8)
-    axes[1].legend(fontsize=8, loc="lower right")
+    handles = [*axes[0].get_legend_handles_labels()[0], *axes[1].get_legend_handles_labels()[0]]
+    labels = [*axes[0].get_legend_handles_labels()[1], *axes[1].get_legend_handles_labels()[1]]
+    # The legend sits under the panels, where it cannot cover a bar.
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 5), fontsize=8, frameon=False)
     fig.suptitle(
         f"Per-layer sensitivity — {report.model}: the {len(names)} most costly layers "
         f"({report.sensitivity_tokens} tokens)",
         fontsize=11,
     )
-    fig.tight_layout()
+    fig.text(0.01, 0.065, "A negative change: that layer's rounding alone happened to lower perplexity on this text "
+             "(a first-order estimate is least reliable near zero).", fontsize=7, color="grey")  # fmt: skip
+    fig.tight_layout(rect=(0, 0.09 + 0.02 * (len(labels) // 5), 1, 1))
     return _finish(plt, fig, path)
 
 
