@@ -90,13 +90,22 @@ def test_layer_sensitivity_covers_every_quantized_linear(report):
     assert all(layer.rel_error > 3 * int8_errors[layer.name] for layer in report["nf4"].layers)
 
 
-def test_a_config_that_quantizes_nothing_agrees_exactly(tiny_llama_dir):
+def test_vacuous_comparisons_are_refused(tiny_llama_dir, tmp_path):
+    # A config that quantizes nothing, or a model that is already quantized, would read "no change" everywhere.
     nothing = lowbit.LowbitConfig(load_in_8bit=True, module_overrides={".*": "none"})
-    report = compare(tiny_llama_dir, {"nothing": nothing}, timing=False, **SMALL)
-    r = report["nothing"]
-    assert r.ppl_change == 0.0 and r.layers == []
-    assert (r.agreement.kl_mean, r.agreement.top1, r.agreement.top5, r.agreement.logits_rel_error) == (0, 1, 1, 0)
-    assert r.generations[0].diverges_at is None
+    with pytest.raises(ValueError, match="the config quantizes no layer"):
+        compare(tiny_llama_dir, {"nothing": nothing}, timing=False, **SMALL)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    AutoModelForCausalLM.from_pretrained(tiny_llama_dir, quantization_config=lowbit.LowbitConfig(load_in_8bit=True)
+                                         ).save_pretrained(tmp_path)  # fmt: skip
+    AutoTokenizer.from_pretrained(tiny_llama_dir).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="is already quantized"):
+        compare(tmp_path, "nf4", timing=False, **SMALL)
+    from lowbit.testing import assert_within_budget
+
+    with pytest.raises(ValueError, match="is already quantized"):
+        assert_within_budget(tmp_path, lowbit.LowbitConfig(load_in_4bit=True))
 
 
 def test_in_memory_model_is_left_unquantized(tiny_llama_dir):

@@ -39,12 +39,12 @@ struct OutlierColumns {
 };
 
 // One output of LLM.int8(), operation for operation as the CPU kernel computes it:
-// acc * ((row_stat * (1 / 127^2)) * weight_scale), plus the outlier columns' float product, plus bias.
+// (acc * row_stat) * (weight_scale / 127^2), plus the outlier columns' float product, plus bias (the 1 / 127^2 with
+// the weight's scale: a subnormal row_stat scaled down further would lose its bits).
 // A poisoned row (row_stat NaN) gives NaN, as F.linear would.
 __device__ inline float int8_output(int32_t acc, float row_stat, float weight_scale, float outlier_sum,
                                     float bias) {
-  constexpr float kInv127Squared = 1.0f / (127.0f * 127.0f);
-  const float scaled = mul_rn(static_cast<float>(acc), mul_rn(mul_rn(row_stat, kInv127Squared), weight_scale));
+  const float scaled = mul_rn(mul_rn(static_cast<float>(acc), row_stat), div_rn(weight_scale, 127.0f * 127.0f));
   return add_rn(add_rn(scaled, outlier_sum), bias);
 }
 

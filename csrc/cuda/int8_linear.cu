@@ -1,4 +1,4 @@
-// LLM.int8() linear on CUDA: y = (Xq @ CB.T) * row_stat * SCB / 127^2 + X[:, outliers] @ W[:, outliers].T + bias,
+// LLM.int8() linear on CUDA: y = (Xq @ CB.T) * row_stat * (SCB / 127^2) + X[:, outliers] @ W[:, outliers].T + bias,
 // with the CPU kernel's float32 arithmetic (cuda/int8.cuh) and no host synchronisation, threshold or not: the
 // outlier columns stay on the device as an ascending list and a count (int8_vectorwise_quant.cu), and every
 // kernel reads the count itself. So the op is captured by CUDA graphs and compiled whole by torch.compile.

@@ -24,12 +24,40 @@ def _batches(calibration) -> Iterable:
     return calibration
 
 
-def _run(model: nn.Module, batch) -> None:
+def _check_token_ids(model: nn.Module, ids, where: str) -> None:
+    """For a model that takes token ids (one with input embeddings): integer ids, [tokens] or [batch, tokens], at
+    least one, each in the vocabulary. Bad ids otherwise fail deep inside the model (an embedding's "index out of
+    range", a reshape), with no word of calibration."""
+    get_embeddings = getattr(model, "get_input_embeddings", None)
+    embeddings = get_embeddings() if callable(get_embeddings) else None
+    if embeddings is None or not hasattr(embeddings, "num_embeddings"):
+        return
+    if not isinstance(ids, torch.Tensor):
+        raise TypeError(f"calibration {where}: token ids must be a tensor, got {type(ids).__name__}")
+    if ids.dtype == torch.bool or ids.is_floating_point() or ids.is_complex():
+        raise TypeError(f"calibration {where}: token ids must be integers (e.g. a tokenizer's input_ids), got {ids.dtype}")
+    if ids.dim() not in (1, 2) or ids.numel() == 0:
+        raise ValueError(f"calibration {where}: token ids must be [tokens] or [batch, tokens] with at least one "
+                         f"token, got shape {list(ids.shape)}")  # fmt: skip
+    low, high = int(ids.min()), int(ids.max())
+    if low < 0 or high >= embeddings.num_embeddings:
+        raise ValueError(f"calibration {where}: token ids must lie in [0, {embeddings.num_embeddings}) (the model's "
+                         f"vocabulary), got {low}..{high}: ids from another tokenizer?")  # fmt: skip
+
+
+def _run(model: nn.Module, batch, index: int) -> None:
+    where = f"batch {index}"
     if isinstance(batch, Mapping):
+        if "input_ids" in batch:
+            _check_token_ids(model, batch["input_ids"], f"{where} (input_ids)")
+        elif "inputs_embeds" not in batch and callable(getattr(model, "get_input_embeddings", None)):
+            raise ValueError(f"calibration {where}: a dict batch needs 'input_ids' (or 'inputs_embeds'); got keys "
+                             f"{sorted(batch)}")  # fmt: skip
         model(**batch)
         return
     if not isinstance(batch, torch.Tensor):
         raise TypeError(f"a calibration batch must be a tensor or a dict of model inputs, not {type(batch).__name__}")
+    _check_token_ids(model, batch, where)
     if batch.dim() == 1 and not batch.is_floating_point():
         batch = batch.unsqueeze(0)  # a single sequence of token ids
     model(batch.to(next(model.parameters()).device))
@@ -57,8 +85,8 @@ def input_second_moments(model: nn.Module, modules: Mapping[str, nn.Module], cal
     was_training = model.training
     try:
         model.eval()
-        for batch in _batches(calibration):
-            _run(model, batch)
+        for index, batch in enumerate(_batches(calibration)):
+            _run(model, batch, index)
     finally:
         for handle in handles:
             handle.remove()

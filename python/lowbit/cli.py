@@ -4,6 +4,7 @@ command starts in `lowbit_cli` (site-packages), which answers --help and --versi
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from lowbit_cli import COMMANDS, version
@@ -109,6 +110,17 @@ def _compare(args, parser) -> int:
                 text = f.read()
         except OSError as e:
             parser.error(f"cannot read --text: {e}")
+        except UnicodeDecodeError as e:
+            parser.error(f"--text {args.text} is not UTF-8 text ({e.reason} at byte {e.start}): convert it to UTF-8")
+    if args.out:  # checked now, not after the whole measurement
+        if os.path.exists(args.out) and not os.path.isdir(args.out):
+            parser.error(f"--out {args.out} is a file: give a directory (created if missing)")
+        try:
+            os.makedirs(args.out, exist_ok=True)
+        except OSError as e:
+            parser.error(f"--out {args.out}: cannot create it ({e.strerror})")
+        if not os.access(args.out, os.W_OK):
+            parser.error(f"--out {args.out}: not writable")
     try:
         report = api.compare(
             args.model,

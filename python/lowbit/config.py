@@ -50,7 +50,9 @@ class LowbitConfig(QuantizationConfigMixin):
 
     # 2: llm_int8_weight_only (older lowbit refuses a config that has it, rather than ignoring it)
     # 3: scale_search
-    VERSION = 3
+    # 4: module_overrides saved as a list of [pattern, scheme] pairs: transformers writes config.json with sorted
+    #    keys, which reordered a dict's patterns, and the first match wins (a dict is still read)
+    VERSION = 4
 
     def __init__(
         self,
@@ -67,17 +69,26 @@ class LowbitConfig(QuantizationConfigMixin):
         blocksize: int = 64,
         llm_int8_weight_only: bool = False,
         scale_search: Optional[str] = None,
-        module_overrides: Optional[dict[str, str]] = None,
+        module_overrides: Optional[dict[str, str] | list[tuple[str, str]]] = None,
         bits: Optional[int] = None,
         **kwargs: Any,
     ):
         self.quant_method = "lowbit"
         kwargs.pop("quant_method", None)
         version = kwargs.pop("lowbit_config_version", self.VERSION)
+        if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+            raise ValueError(f"lowbit_config_version must be a positive integer, got {version!r}")
         if version > self.VERSION:
             raise ValueError(f"this config was written by a newer lowbit (config version {version} > {self.VERSION})")
         if kwargs:
             raise ValueError(f"LowbitConfig got unknown arguments {sorted(kwargs)}")
+        # Flags take only True or False, as transformers' own config insists: a string such as "false" is truthy.
+        flags = dict(load_in_8bit=load_in_8bit, load_in_4bit=load_in_4bit, bnb_4bit_use_double_quant=bnb_4bit_use_double_quant,
+                     llm_int8_enable_fp32_cpu_offload=llm_int8_enable_fp32_cpu_offload,
+                     llm_int8_has_fp16_weight=llm_int8_has_fp16_weight, llm_int8_weight_only=llm_int8_weight_only)  # fmt: skip
+        for name, value in flags.items():
+            if not isinstance(value, bool):
+                raise TypeError(f"{name} must be True or False, got {value!r} ({type(value).__name__})")
         if bits is not None:
             if bits not in (4, 8):
                 raise ValueError(f"bits must be 8 or 4, got {bits!r}")
@@ -104,13 +115,8 @@ class LowbitConfig(QuantizationConfigMixin):
             "bnb_4bit_quant_storage", parse_storage, bnb_4bit_quant_storage)
         if scale_search not in SCALE_SEARCHES:
             raise ValueError(f"scale_search must be one of {list(SCALE_SEARCHES)}, got {scale_search!r}")
-        if module_overrides is not None and not isinstance(module_overrides, dict):
-            raise TypeError(f"module_overrides must be a dict of {{regex: scheme}}, got {type(module_overrides).__name__}")
-        overrides = dict(module_overrides or {})
+        overrides = _ordered_overrides(module_overrides)
         for pattern, scheme in overrides.items():
-            if not isinstance(pattern, str) or not isinstance(scheme, str):
-                raise TypeError(f"module_overrides maps regular expressions (str) to scheme names (str); got "
-                                f"{pattern!r}: {scheme!r}")  # fmt: skip
             if scheme not in (*SCHEMES, FULL_PRECISION):
                 raise ValueError(f"module_overrides[{pattern!r}] = {scheme!r}; expected one of {[*SCHEMES, FULL_PRECISION]}")
             try:
@@ -171,14 +177,73 @@ class LowbitConfig(QuantizationConfigMixin):
             "bnb_4bit_use_double_quant": self.bnb_4bit_use_double_quant,
             "bnb_4bit_quant_storage": dtype_name(self.bnb_4bit_quant_storage),
             "blocksize": self.blocksize,
-            "module_overrides": dict(self.module_overrides),
+            "module_overrides": [[pattern, scheme] for pattern, scheme in self.module_overrides.items()],
         }
+
+    @classmethod
+    def from_dict(cls, config_dict: dict[str, Any], return_unused_kwargs: bool = False, **kwargs: Any):
+        """A config from `to_dict()`'s output, config.json's quantization_config, or transformers'
+        BitsAndBytesConfig(...).to_dict() (whose private "_load_in_4bit"-style copies are dropped)."""
+        if not isinstance(config_dict, dict):
+            raise TypeError(f"from_dict takes a dict, got {type(config_dict).__name__}")
+        fields = {k: v for k, v in config_dict.items() if not k.startswith("_")}
+        return super().from_dict(fields, return_unused_kwargs=return_unused_kwargs, **kwargs)
+
+    @classmethod
+    def coerce(cls, config: Any) -> "LowbitConfig":
+        """`config` as a LowbitConfig: one already, a dict of its fields, or transformers' BitsAndBytesConfig
+        (the same fields, so the same quantization)."""
+        if isinstance(config, cls):
+            return config
+        if isinstance(config, dict):
+            return cls.from_dict(config)
+        if type(config).__name__ == "BitsAndBytesConfig" and callable(getattr(config, "to_dict", None)):
+            return cls.from_dict(config.to_dict())
+        raise TypeError(f"expected a lowbit.LowbitConfig (or transformers' BitsAndBytesConfig, or a dict of its "
+                        f"fields), got {type(config).__name__}")  # fmt: skip
+
+    def update(self, **kwargs) -> dict[str, Any]:
+        """Set the given fields, validated as the constructor validates them (the whole config is checked again:
+        `update(blocksize=7)` raises as `LowbitConfig(blocksize=7)` does); returns the kwargs that are not fields."""
+        known = {k: v for k, v in kwargs.items() if hasattr(self, k) and k != "bits"}
+        fields = {k: v for k, v in self.to_dict().items() if k != "quant_method"}
+        if {"load_in_8bit", "load_in_4bit"} & known.keys():
+            fields.pop("bits")
+            fields.setdefault("load_in_8bit", self.load_in_8bit)
+            fields.setdefault("load_in_4bit", self.load_in_4bit)
+        validated = LowbitConfig(**{**fields, **known})
+        self.__dict__.update(validated.__dict__)
+        return {k: v for k, v in kwargs.items() if k not in known}
 
     def __iter__(self):
         yield from self.to_dict().items()
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, LowbitConfig) and self.to_dict() == other.to_dict()
+
+
+def _ordered_overrides(module_overrides) -> dict[str, str]:
+    """module_overrides as an ordered {pattern: scheme}: from a dict (its order) or a list of (pattern, scheme)
+    pairs (what to_dict writes, so the order survives config.json's sorted keys)."""
+    if module_overrides is None:
+        return {}
+    if isinstance(module_overrides, dict):
+        pairs = list(module_overrides.items())
+    elif isinstance(module_overrides, (list, tuple)) and all(
+        isinstance(p, (list, tuple)) and len(p) == 2 for p in module_overrides
+    ):
+        pairs = [tuple(p) for p in module_overrides]
+    else:
+        raise TypeError("module_overrides must be a dict {regex: scheme} or a list of (regex, scheme) pairs, got "
+                        f"{module_overrides!r}")  # fmt: skip
+    for pattern, scheme in pairs:
+        if not isinstance(pattern, str) or not isinstance(scheme, str):
+            raise TypeError(f"module_overrides maps regular expressions (str) to scheme names (str); got "
+                            f"{pattern!r}: {scheme!r}")  # fmt: skip
+    patterns = [pattern for pattern, _ in pairs]
+    if len(set(patterns)) != len(patterns):
+        raise ValueError(f"module_overrides names a pattern twice: {patterns}")
+    return dict(pairs)
 
 
 def _field(name: str, check, value):

@@ -41,6 +41,24 @@ from .formats import (
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
+def _autocast(x: torch.Tensor) -> torch.Tensor:
+    """Under torch.autocast a layer computes in the autocast dtype, as nn.Linear does (the output then has it too)."""
+    if x.device.type in ("cpu", "cuda") and x.is_floating_point() and torch.is_autocast_enabled(x.device.type):
+        dtype = torch.get_autocast_dtype(x.device.type)
+        return x if x.dtype == dtype else x.to(dtype)
+    return x
+
+
+def _unit_scale(importance: torch.Tensor) -> torch.Tensor:
+    """`importance` times the power of two that brings its largest value near 1: the scale search weighs errors
+    relatively, so only the scale of its sums changes, exactly (a power of two), and importances near float32's
+    limits (1e38) no longer overflow them."""
+    peak = importance.abs().max() if importance.numel() else importance.new_zeros(())
+    if not torch.isfinite(peak) or peak == 0:
+        return importance
+    return importance * torch.exp2(-torch.floor(torch.log2(peak)))
+
+
 class QuantizedLinear(nn.Module):
     """What every lowbit layer shares: shapes, bias, state_dict plumbing, and dtype-safe `.to()`.
 
@@ -86,6 +104,19 @@ class QuantizedLinear(nn.Module):
             raise ValueError("cannot quantize a weight on the meta device (it has no values)")
 
     def _check_holds_weight(self) -> None:
+        # torch.func's jvp (forward-mode AD) through the custom ops gives a zero tangent, and its grad fails with
+        # torch's "must override setup_context" (a torch limitation of ops with register_autograd): refuse both by
+        # name. vmap works (torch's per-sample fallback). Skipped under torch.compile, which does not trace it.
+        if not torch.compiler.is_compiling() and torch._C._functorch.peek_interpreter_stack() is not None:
+            from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+
+            kinds = {str(i.key()).rsplit(".", 1)[-1] for i in retrieve_all_functorch_interpreters()}
+            if kinds & {"Jvp", "Grad"}:
+                raise NotImplementedError(
+                    f"{type(self).__name__} does not support torch.func.{'jvp' if 'Jvp' in kinds else 'grad'} (nor "
+                    "jacfwd/jacrev/hessian): its kernels are custom ops whose backward torch.func cannot transform. "
+                    "Use loss.backward() or torch.autograd.grad; torch.func.vmap works"
+                )
         # A layer on meta computes no numbers; anywhere else an empty one would compute with garbage.
         if not self.holds_weight and self.weight.device.type != "meta":
             raise RuntimeError(
@@ -106,6 +137,9 @@ class QuantizedLinear(nn.Module):
             after = self._buffers[name]
             if after.dtype != before.dtype:  # a dtype cast: undo it from the untouched original
                 self._buffers[name] = before.to(after.device)
+        if any(self._buffers[name].device.type == "meta" for name in kept):
+            # Moved to meta, the values are gone: a later to_empty() gives uninitialised memory, not this weight.
+            self.holds_weight = False
         return self
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
@@ -231,6 +265,7 @@ class Linear4bit(QuantizedLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_holds_weight()
+        x = _autocast(x)
         if x.shape[-1] != self.in_features:
             raise ValueError(f"input has {x.shape[-1]} features, Linear4bit expects {self.in_features}")
         dtype = self.compute_dtype or x.dtype
@@ -256,7 +291,7 @@ class Linear4bit(QuantizedLinear):
         self._check_weight(weight)
         if self.scale_search:
             if importance is not None:
-                importance = importance.to(weight.device, torch.float32)
+                importance = _unit_scale(importance.to(weight.device, torch.float32))
             packed, absmax = ops.quantize_4bit_search(weight, self.blocksize, self.quant_type, importance=importance)
         elif importance is not None:
             raise ValueError("importance weighs the scale search: build the layer with scale_search=True")
@@ -283,6 +318,14 @@ class Linear4bit(QuantizedLinear):
         double quantization; raises ValueError naming what is missing or inconsistent."""
         if "weight" not in tensors:
             raise ValueError("checkpoint lacks 'weight' for a 4-bit layer")
+        if not any(k.startswith("weight.quant_state.") for k in tensors):
+            weight = tensors["weight"]
+            kind = ("an 8-bit (Linear8bit) state dict: load it into a Linear8bit" if INT8_SCALES in tensors
+                    else "a full-precision (nn.Linear) state dict: Linear4bit.from_linear(linear) or "
+                    "quantize_weight_(state_dict['weight']) quantizes it" if weight.is_floating_point()
+                    else "no 4-bit quant_state entry")  # fmt: skip
+            raise ValueError(f"this is not a 4-bit checkpoint of a Linear4bit ('weight' is {weight.dtype} "
+                             f"{list(weight.shape)}): {kind}")  # fmt: skip
         state = QuantState4bit.from_state_dict(tensors, "weight.")
         if state.shape != (self.out_features, self.in_features):
             raise ValueError(f"checkpoint weight has shape {list(state.shape)}, but this layer is "
@@ -379,6 +422,7 @@ class Linear8bit(QuantizedLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_holds_weight()
+        x = _autocast(x)
         if self.weight_only:
             return ops.int8_weight_linear(x, self.weight, self.SCB, self.bias)
         return ops.int8_linear(x, self.weight, self.SCB, self.threshold, self.bias)
@@ -403,6 +447,12 @@ class Linear8bit(QuantizedLinear):
     @torch.no_grad()
     def load_quantized_(self, tensors: Mapping[str, torch.Tensor]) -> None:
         """Load "weight" (int8 CB), "SCB" (float32) and optionally "weight_format" (0 = row-major)."""
+        if "weight" in tensors and INT8_SCALES not in tensors and tensors["weight"].is_floating_point():
+            raise ValueError(f"this is a full-precision (nn.Linear) state dict ('weight' is {tensors['weight'].dtype}), "
+                             "not an 8-bit checkpoint: Linear8bit.from_linear(linear) or "
+                             "quantize_weight_(state_dict['weight']) quantizes it")  # fmt: skip
+        if any(k.startswith("weight.quant_state.") for k in tensors):
+            raise ValueError("this is a 4-bit (Linear4bit) state dict, not an 8-bit one: load it into a Linear4bit")
         for key in ("weight", INT8_SCALES):
             if key not in tensors:
                 raise ValueError(f"checkpoint lacks '{key}' for an 8-bit layer")

@@ -23,15 +23,46 @@ def _tied_linears(model: nn.Module) -> set[str]:
     return {n for names in owners.values() if len(names) > 1 for n in names}
 
 
+def kept_in_full_precision(model: nn.Module) -> set[str]:
+    """The modules no config quantizes, by one rule for quantize_model and from_pretrained alike: tied weights (a
+    quantized copy would break the tie; transformers' tied keys count too, as a meta-device model may not share
+    the tensors yet) and a transformers model's `_keep_in_fp32_modules`. Everything else, lm_head included, is the
+    config's to decide (its default llm_int8_skip_modules keeps lm_head)."""
+    kept = _tied_linears(model)
+    tied_keys = getattr(model, "all_tied_weights_keys", None) or {}
+    kept.update(k.removesuffix(".weight") for pair in tied_keys.items() for k in pair)
+    keep_fp32 = list(getattr(model, "_keep_in_fp32_modules", None) or ())
+    if keep_fp32:
+        from transformers.quantizers.quantizers_utils import should_convert_module
+
+        kept.update(name for name, _ in model.named_modules() if name and not should_convert_module(name, keep_fp32))
+    return kept
+
+
 def _targets(model: nn.Module, config: LowbitConfig, skip: Iterable[str]) -> list[tuple[str, nn.Linear, Scheme]]:
-    skip = set(skip) | _tied_linears(model)
+    if isinstance(skip, str):
+        raise TypeError(f"skip must be a collection of module names, got the string {skip!r}")
+    skip = set(skip) | kept_in_full_precision(model)
     found = []
     for name, module in model.named_modules():
         if type(module) is nn.Linear and name not in skip:  # subclasses may carry behaviour we would drop
             scheme = config.scheme_for(name)
             if scheme is not None:
                 found.append((name, module, SCHEMES[scheme]))
+    if not found:
+        linears = [name for name, m in model.named_modules() if type(m) is nn.Linear]
+        raise ValueError(
+            f"the config quantizes no layer of {type(model).__name__}: "
+            + (f"of its nn.Linear layers ({_first(linears)}) its overrides and skip lists keep every one in full "
+               f"precision (tied or kept by the model: {_first(sorted(skip & set(linears))) or 'none'})"
+               if linears else "it has no nn.Linear layer")  # fmt: skip
+        )
     return found
+
+
+def _first(names, shown: int = 3) -> str:
+    names = list(names)
+    return ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
 
 
 def replace_linears(model: nn.Module, config: LowbitConfig, skip: Iterable[str] = ()) -> list[str]:
@@ -39,6 +70,7 @@ def replace_linears(model: nn.Module, config: LowbitConfig, skip: Iterable[str] 
     (meta included) and dtype; nothing is quantized or allocated on a real device for meta models.
     Loaders then fill each layer with quantize_weight_() or load_quantized_(). Returns the names."""
     names = []
+    config = LowbitConfig.coerce(config)
     for name, linear, scheme in _targets(model, config, skip):
         w = linear.weight
         layer = scheme.empty_layer(linear.in_features, linear.out_features, linear.bias is not None, config,
@@ -63,12 +95,17 @@ def quantize_model(model: nn.Module, config: LowbitConfig, skip: Iterable[str] =
     All or nothing: every layer is quantized before any is swapped in, so a weight that cannot be
     quantized (NaN, Inf, beyond float16 for int8) raises an error naming its module and leaves `model`
     as it was. (The quantized layers, a fraction of the full-precision size, exist beside it until then.)"""
+    config = LowbitConfig.coerce(config)
     targets = _targets(model, config, skip)
     calibrated = {name: linear for name, linear, scheme in targets if scheme.calibrated(config)}
     if calibrated and calibration is None:
         raise ValueError('scale_search="activation" weighs each layer\'s quantization by its input activations: '
                          "pass calibration=<token ids> (a few hundred tokens of text like the model's use, not "
                          'the evaluation text), or use scale_search="mse", which needs no data')  # fmt: skip
+    if calibration is not None and not calibrated:
+        raise ValueError('calibration= is used only by scale_search="activation", which no layer of this config '
+                         f"has (scale_search={config.scale_search!r}): drop calibration=, or set "
+                         'scale_search="activation"')  # fmt: skip
     importance = input_second_moments(model, calibrated, calibration) if calibrated else {}
     quantized = []
     for name, linear, scheme in targets:

@@ -22,7 +22,7 @@ from .evaluate import (
     evaluate_against, evaluate_reference, generate, layer_errors, measure_speed, nll_with_layer_swapped, outputs_nll,
 )  # fmt: skip
 from .mixed import propose
-from .models import Footprint, LoadedModel, footprint, load_full_precision, quantized_copy
+from .models import Footprint, LoadedModel, footprint, load_full_precision, quantized_copy, resolve_device
 from .presets import PRESETS, describe, resolve
 from .report import ConfigResult, LayerError, MixProposal, Report
 
@@ -83,8 +83,10 @@ def compare(
         mixed-precision config from the per-layer errors, measures it and says whether it met it.
     """
     named = resolve(configs)
+    _check_numbers(max_tokens, context, stride, new_tokens, max_ppl_increase)
     if max_ppl_increase is not None and not sensitivity:
         raise ValueError("max_ppl_increase needs the per-layer errors: leave sensitivity=True")
+    device = resolve_device(device)
     tqdm = require("tqdm", "the progress bar").tqdm if progress else None  # before the slow load: fail fast
 
     loaded = load_full_precision(model_or_path, tokenizer, device, progress)
@@ -240,7 +242,8 @@ def _measure_config(bench: _Bench, baseline: _Baseline, name: str, description: 
     """Quantize a copy of the model with `config` and measure it against full precision."""
     progress = bench.progress
     progress.set_description(f"{name}: quantize")
-    quantized, seconds = quantized_copy(bench.model, config, bench.calibration)
+    calibrated = any(scheme.calibrated(config) for scheme in _schemes_of(config))
+    quantized, seconds = quantized_copy(bench.model, config, bench.calibration if calibrated else None)
     progress.update()
     progress.set_description(f"{name}: perplexity")
     evaluation, agreement = evaluate_against(quantized, bench.ids, bench.windows, baseline.outputs, progress)
@@ -305,6 +308,19 @@ def _layer_errors(bench: _Bench, baseline: _Baseline, quantized: torch.nn.Module
         bench.progress.update()
     bench.progress.update(MEASURED_LAYERS - min(MEASURED_LAYERS, len(layers)))  # a model with fewer layers
     return layers
+
+
+def _check_numbers(max_tokens, context, stride, new_tokens, max_ppl_increase) -> None:
+    """Every number `compare` takes, checked before minutes of loading and measuring (a negative token count
+    once meant the whole text, for hours)."""
+    for name, value, least in (("max_tokens", max_tokens, 2), ("context", context, 2), ("stride", stride, 1),
+                               ("new_tokens", new_tokens, 1)):  # fmt: skip
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise ValueError(f"{name} must be an integer ≥ {least}, got {value!r}")
+    if stride > context:
+        raise ValueError(f"stride ({stride}) must not exceed context ({context}): tokens between windows would go unscored")
+    if max_ppl_increase is not None and not (isinstance(max_ppl_increase, (int, float)) and 0 <= max_ppl_increase < math.inf):
+        raise ValueError(f"max_ppl_increase must be a finite fraction ≥ 0 (0.01 = 1%), got {max_ppl_increase!r}")
 
 
 def _propose_and_measure_mix(

@@ -97,6 +97,13 @@ def load_full_precision(model_or_path=None, tokenizer=None, device=None, progres
         with _transformers_progress_bars(progress):
             tokenizer = tokenizer or AutoTokenizer.from_pretrained(path, **kwargs)
             model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **kwargs)
+    quantized = [n for n, m in model.named_modules() if is_quantized(m)]
+    if quantized:
+        # Measured against itself, every figure would read "no change": a vacuous pass in a budget test.
+        raise ValueError(
+            f"{name} is already quantized ({len(quantized)} lowbit layers, e.g. {quantized[0]}): comparing needs "
+            "the full-precision model, which each config then quantizes"
+        )
     model = model.to(resolve_device(device)).eval()
     return LoadedModel(model, tokenizer, name, note, time.perf_counter() - start)
 
@@ -162,9 +169,20 @@ def _require_gguf():
 
 
 def resolve_device(device=None) -> torch.device:
+    """The device to measure on (default: CUDA where available), refusing one this machine lacks with a message
+    that says so, before anything is loaded."""
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device {device!r} is not a torch device (e.g. cpu, cuda, cuda:1): {e}") from None
+    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+        raise ValueError(f"device {str(device)!r}: this machine has {torch.cuda.device_count()} CUDA device(s)"
+                         + ("" if torch.cuda.is_available() else " (torch has no CUDA here); use --device cpu"))  # fmt: skip
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device {str(device)!r}: lowbit measures on cpu or cuda")
+    return device
 
 
 def quantized_copy(model: torch.nn.Module, config, calibration=None) -> tuple[torch.nn.Module, float]:

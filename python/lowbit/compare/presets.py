@@ -40,7 +40,15 @@ def resolve(configs) -> dict[str, LowbitConfig]:
         resolved = {}
         for item in configs:
             name = item if isinstance(item, str) else describe(item)
-            resolved[name] = preset(item) if isinstance(item, str) else item
+            config = preset(item) if isinstance(item, str) else item
+            if name in resolved:
+                # One row per name: a second config under the same name would replace the first without a word.
+                raise ValueError(
+                    f"two configs are both named {name!r}"
+                    + (" (the same config listed twice)" if resolved[name] == config else
+                       "; they differ in a field the name does not show: pass a dict {name: config} to name them")
+                )  # fmt: skip
+            resolved[name] = config
     else:
         raise TypeError(f"configs must be a string, a mapping or a list, not {type(configs).__name__}")
     if not resolved:
@@ -57,5 +65,12 @@ def describe(config) -> str:
         name += "-aw" if config.scale_search == "activation" else f"-{config.scale_search}"
     if config.load_in_4bit and config.bnb_4bit_use_double_quant:
         name += "-dq"
+    if config.load_in_4bit and config.blocksize != 64:
+        name += f"-b{config.blocksize}"
+    if config.load_in_4bit and config.bnb_4bit_compute_dtype is not None:
+        name += "-" + str(config.bnb_4bit_compute_dtype).removeprefix("torch.")
+    skip = getattr(config, "llm_int8_skip_modules", None)
+    if skip is not None and list(skip) != ["lm_head"]:
+        name += f"+skip[{','.join(skip)}]"
     overrides = getattr(config, "module_overrides", None)
     return f"{name}+{len(overrides)} overrides" if overrides else name

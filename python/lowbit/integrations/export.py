@@ -19,6 +19,7 @@ bitsandbytes does not compute with, layers that hold no weight, or no lowbit lay
 from __future__ import annotations
 
 import os
+import sys
 from collections import defaultdict
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
@@ -67,11 +68,27 @@ def export_bitsandbytes(model: PreTrainedModel, out_dir: str | os.PathLike, **sa
     # transformers' model classes load in ~0.4 s: imported on use, so `import lowbit` stays light.
     from transformers import PreTrainedModel
 
+    # peft is never imported here: if it is not loaded, no model holds its layers.
+    peft, tuners = sys.modules.get("peft"), sys.modules.get("peft.tuners.tuners_utils")
+    if peft is not None and isinstance(model, peft.PeftModel):
+        raise TypeError(
+            f"export_bitsandbytes got a peft {type(model).__name__}: merge the adapters into the quantized weights "
+            "first (model = model.merge_and_unload()) and export that; bitsandbytes cannot load LoRA layers"
+        )
     if not isinstance(model, PreTrainedModel):
         raise TypeError(
             f"export_bitsandbytes needs a transformers PreTrainedModel (it saves with save_pretrained and "
             f"writes config.json), got {type(model).__name__}"
         )
+    adapters = [name for name, module in model.named_modules()
+                if tuners is not None and isinstance(module, tuners.BaseTunerLayer)]  # fmt: skip
+    if adapters:
+        raise ValueError(
+            f"cannot export: {_listing(adapters)} are peft adapter layers (unmerged LoRA): bitsandbytes cannot load "
+            "them. Merge first (peft_model.merge_and_unload()) and export the merged model"
+        )
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise FileExistsError(f"export_bitsandbytes: {os.fspath(out_dir)!r} is a file; give a directory to write into")
     config = _bitsandbytes_config(model)
     with _quantization_config(model.config, config):
         model.save_pretrained(out_dir, **save_kwargs)

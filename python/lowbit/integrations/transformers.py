@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import inspect
 import os
-import types
 from collections import defaultdict
 from collections.abc import Iterable, MutableSet
 from contextlib import contextmanager
@@ -28,12 +27,11 @@ from transformers import BitsAndBytesConfig as _TransformersBnbConfig
 from transformers.core_model_loading import ConversionOps
 from transformers.quantizers import HfQuantizer
 from transformers.quantizers import auto as _auto
-from transformers.quantizers.quantizers_utils import should_convert_module
 
 from ..config import LowbitConfig
 from ..formats import QUANT_STATE_GROUP
 from ..nn import quantized_weight_count
-from ..quantize import replace_linears
+from ..quantize import kept_in_full_precision, replace_linears
 from ..schemes import LAYERS
 
 QUANT_METHOD = "lowbit"
@@ -113,14 +111,10 @@ class LowbitHfQuantizer(HfQuantizer):
                 "cannot do: load in full precision, then lowbit.quantize_model(model, config, calibration=ids) (and "
                 'save_pretrained to keep the result), or use scale_search="mse", which needs no data'
             )
-        # The model is still on the meta device here: this only swaps modules, nothing is allocated.
-        self.modules_to_not_convert = _full_precision_modules(model)
-        replaced = replace_linears(model, self.quantization_config, skip=self.modules_to_not_convert)
-        if not replaced:
-            raise ValueError(
-                f"lowbit found no nn.Linear layer to quantize in {type(model).__name__} "
-                f"(kept in full precision: {sorted(self.modules_to_not_convert)})"
-            )
+        # The model is still on the meta device here: this only swaps modules, nothing is allocated. The modules
+        # kept in full precision follow quantize_model's rule (one rule for both: kept_in_full_precision).
+        self.modules_to_not_convert = sorted(kept_in_full_precision(model))
+        replace_linears(model, self.quantization_config)
         if self.pre_quantized:
             _check_checkpoint_layout(model, checkpoint_files)
 
@@ -137,9 +131,7 @@ class LowbitHfQuantizer(HfQuantizer):
         bits = {m.bits for m in model.modules() if isinstance(m, LAYERS)}
         model.is_loaded_in_8bit = 8 in bits
         model.is_loaded_in_4bit = 4 in bits
-        # transformers' own count imports bitsandbytes for any model flagged 4-bit (the Trainer calls it every
-        # step), and would miss lowbit's weights, which are buffers.
-        model.num_parameters = types.MethodType(_num_parameters, model)
+        _count_lowbit_weights_in_num_parameters(type(model))
         return model
 
     def param_needs_quantization(self, model, param_name: str, **kwargs) -> bool:
@@ -179,26 +171,31 @@ class LowbitHfQuantizer(HfQuantizer):
         return model
 
 
+def _count_lowbit_weights_in_num_parameters(model_class: type) -> None:
+    """transformers' own `num_parameters` imports bitsandbytes for any model flagged 4-bit (the Trainer calls it
+    every step), and would miss lowbit's weights, which are buffers: where the model holds lowbit layers, count
+    them with `_num_parameters`. Patched once on the class that defines the method (PreTrainedModel), not on the
+    instance: a per-instance bound method broke pickling and deepcopy of loaded models."""
+    owner = next(c for c in model_class.__mro__ if "num_parameters" in c.__dict__)
+    current = owner.__dict__["num_parameters"]
+    if getattr(current, "_lowbit", False):
+        return
+
+    def num_parameters(self, only_trainable: bool = False, exclude_embeddings: bool = False) -> int:
+        if any(isinstance(m, LAYERS) for m in self.modules()):
+            return _num_parameters(self, only_trainable, exclude_embeddings)
+        return current(self, only_trainable=only_trainable, exclude_embeddings=exclude_embeddings)
+
+    num_parameters._lowbit = True
+    num_parameters.__doc__ = current.__doc__
+    owner.num_parameters = num_parameters
+
+
 def _num_parameters(model, only_trainable: bool = False, exclude_embeddings: bool = False) -> int:
     """`PreTrainedModel.num_parameters` counting each lowbit layer's quantized weight as the values it stores."""
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)} if exclude_embeddings else set()
     counted = [p for p in model.parameters() if (p.requires_grad or not only_trainable) and id(p) not in embeddings]
     return sum(p.numel() for p in counted) + (0 if only_trainable else quantized_weight_count(model))
-
-
-def _full_precision_modules(model) -> set[str]:
-    """Qualified names of the modules lowbit never quantizes when loading through transformers.
-
-    The output embedding (lm_head) and tied weights: a tied lm_head shares the embedding matrix, and
-    quantizing the last projection costs far more accuracy than it saves memory. Plus the model's
-    `_keep_in_fp32_modules` patterns, resolved to names here so `replace_linears` gets exact names.
-    llm_int8_skip_modules and module_overrides are the config's business (`LowbitConfig.scheme_for`).
-    """
-    names = set(HfQuantizer.get_modules_to_not_convert(model))
-    keep_fp32 = list(getattr(model, "_keep_in_fp32_modules", None) or ())
-    if keep_fp32:
-        names.update(name for name, _ in model.named_modules() if name and not should_convert_module(name, keep_fp32))
-    return names
 
 
 class _QuantizeOnLoad(ConversionOps):
