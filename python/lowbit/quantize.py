@@ -85,8 +85,10 @@ def replace_linears(model: nn.Module, config: LowbitConfig, skip: Iterable[str] 
 @torch.no_grad()
 def quantize_model(model: nn.Module, config: LowbitConfig, skip: Iterable[str] = (), calibration=None) -> nn.Module:
     """Quantize `model` in place: every nn.Linear that `config` selects becomes a lowbit layer holding
-    its quantized weight. Tied weights, `lm_head` (unless configured otherwise) and names in `skip`
-    stay in full precision. Returns `model`.
+    its quantized weight. Tied weights, `lm_head` (unless configured otherwise) and the modules named in `skip`
+    (exact qualified names, e.g. "model.layers.0.mlp.down_proj"; for patterns use the config's module_overrides
+    with "none", or its llm_int8_skip_modules, which match dotted components) stay in full precision. `config`
+    may also be transformers' BitsAndBytesConfig or a dict of LowbitConfig fields. Returns `model`.
 
     calibration: what `config.scale_search="activation"` runs the full-precision model on first (token ids,
     or an iterable of batches; see lowbit.calibrate.input_second_moments). Text the model will be
