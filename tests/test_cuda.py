@@ -35,7 +35,8 @@ def test_layer_moved_to_cuda_gives_cpu_outputs(make):
     x[:, 3] = 20.0
     expected = layer(x)
     moved = layer.to("cuda")
-    assert all(t.device.type == "cuda" for t in moved.state_dict().values() if t.dim())
+    # Every tensor moves but the quant_state JSON (a uint8 tensor that stays on the CPU, as in bitsandbytes).
+    assert all(t.device.type == "cuda" for k, t in moved.state_dict().items() if ".quant_state." not in k)
     torch.testing.assert_close(moved(x.cuda()).cpu(), expected, rtol=1e-4, atol=1e-4)
 
 
@@ -176,11 +177,33 @@ def test_int8_mm_on_cuda_is_exact(M, N, K):
     assert torch.equal(ops.int8_mm(A.cuda(), B.cuda()).cpu(), ops.int8_mm(A, B))
 
 
-def test_int8_mm_on_cuda_takes_misaligned_views():
-    A = torch.randint(-127, 128, (18, 64), dtype=torch.int8)
-    B = torch.randint(-127, 128, (33, 64), dtype=torch.int8)
-    expected = ops.int8_mm(A[1:], B[1:])
-    assert torch.equal(ops.int8_mm(A.cuda()[1:], B.cuda()[1:]).cpu(), expected)
+def _misaligned(t: torch.Tensor, offset: int) -> torch.Tensor:
+    """`t` on the GPU as a view starting `offset` bytes (rounded down to its element size) into a flat buffer, so
+    vector loads that assume 16-byte alignment must take their fallback."""
+    offset -= offset % t.element_size()
+    flat = torch.zeros(offset + t.numel() * t.element_size(), dtype=torch.uint8, device="cuda")
+    flat[offset:] = t.contiguous().view(-1).view(torch.uint8).cuda()
+    return flat[offset:].view(t.dtype).view(t.shape)
+
+
+@pytest.mark.parametrize("offset", [1, 2, 3, 4, 7, 8, 12, 15])
+def test_kernels_on_cuda_take_misaligned_views(offset):
+    # (A[1:] of an [18, 64] int8 tensor starts 64 bytes in: aligned. These start 1-15 bytes in.)
+    A = torch.randint(-128, 128, (17, 1040), dtype=torch.int8)
+    B = torch.randint(-128, 128, (33, 1040), dtype=torch.int8)
+    assert torch.equal(ops.int8_mm(_misaligned(A, offset), _misaligned(B, offset)).cpu(), ops.int8_mm(A, B))
+    CB, SCB, bias = _int8_weight(33, 1040)
+    for M in (1, 9):
+        x = _activations(M, 1040, torch.float32, outlier_columns=[3])
+        expected = ops.int8_linear(x, CB, SCB, 6.0, bias)
+        got = ops.int8_linear(_misaligned(x, offset), _misaligned(CB, offset), SCB.cuda(), 6.0, bias.cuda())
+        torch.testing.assert_close(got.cpu(), expected, rtol=1e-4, atol=1e-4)
+        W = torch.randn(48, 1024)
+        packed, absmax = ops.quantize_4bit(W, 64, "nf4")
+        expected = ops.linear_4bit(x[:, :1024].contiguous(), packed, absmax, 64, "nf4", (48, 1024))
+        got = ops.linear_4bit(_misaligned(x[:, :1024], offset), _misaligned(packed, offset), absmax.cuda(), 64, "nf4",
+                              (48, 1024))  # fmt: skip
+        torch.testing.assert_close(got.cpu(), expected, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("threshold", [0.0, 6.0])
