@@ -52,37 +52,46 @@ def _patch(auto) -> None:
     auto.AutoQuantizationConfig.from_dict = classmethod(from_dict_with_lowbit)
 
 
-class _Hook(importlib.abc.MetaPathFinder):
-    """Patches transformers.quantizers.auto right after it has been executed."""
+class _AfterImport(importlib.abc.MetaPathFinder):
+    """Runs `callback(module)` once, right after the module called `name` has been executed."""
+
+    def __init__(self, name: str, callback):
+        self.name, self.callback = name, callback
 
     def find_spec(self, fullname, path, target=None):
-        if fullname != _MODULE:
+        if fullname != self.name:
             return None
         spec = importlib.machinery.PathFinder.find_spec(fullname, path)
         if spec is None or spec.loader is None:
             return None
         exec_module = spec.loader.exec_module
 
-        def exec_then_patch(module):
+        def exec_then_call(module):
             exec_module(module)
-            sys.meta_path[:] = [f for f in sys.meta_path if not isinstance(f, _Hook)]
-            try:
-                _patch(module)
-            except Exception as e:  # a transformers whose internals moved: never break `import transformers`
-                import warnings
+            sys.meta_path[:] = [f for f in sys.meta_path if f is not self]
+            self.callback(module)
 
-                warnings.warn(f"lowbit could not hook into transformers ({e!r}): `import lowbit` before loading a "
-                              "lowbit checkpoint", RuntimeWarning)  # fmt: skip
-
-        spec.loader.exec_module = exec_then_patch
+        spec.loader.exec_module = exec_then_call
         return spec
 
 
-def install() -> None:
-    if _MODULE in sys.modules:
-        _patch(sys.modules[_MODULE])
-    elif not any(isinstance(f, _Hook) for f in sys.meta_path):
-        sys.meta_path.insert(0, _Hook())
+def after_import(name: str, callback) -> None:
+    """Call `callback(module)` when the module `name` is imported: now if it already is, else right after its
+    import (lowbit's peft integration connects the same way)."""
+    if name in sys.modules:
+        callback(sys.modules[name])
+    elif not any(isinstance(f, _AfterImport) and f.name == name and f.callback is callback for f in sys.meta_path):
+        sys.meta_path.insert(0, _AfterImport(name, callback))
 
 
-install()
+def _patch_or_warn(auto) -> None:
+    try:
+        _patch(auto)
+    except Exception as e:  # a transformers whose internals moved: never break `import transformers`
+        import warnings
+
+        warnings.warn(f"lowbit could not hook into transformers ({e!r}): `import lowbit` before loading a lowbit "
+                      "checkpoint", RuntimeWarning)  # fmt: skip
+
+
+after_import(_MODULE, _patch_or_warn)

@@ -21,11 +21,9 @@ read or rewrite the base weight (DoRA, PiSSA/OLoRA/CorDA/EVA/LoftQ init, lora_bi
 from __future__ import annotations
 
 import functools
-import importlib.abc
-import importlib.machinery
-import sys
 import warnings
 
+from _lowbit_autoload import after_import  # the post-import hook installed beside lowbit (site-packages)
 from packaging.specifiers import SpecifierSet
 
 from ..nn import QuantizedLinear, quantized_weight_count
@@ -41,34 +39,15 @@ _SUPPORTED_INITS = (True, False, "gaussian")
 
 def install_on_import() -> None:
     """Connect lowbit to peft when peft is imported (now, if it already is)."""
-    if "peft" in sys.modules:
+    after_import("peft", _install_or_warn)
+
+
+def _install_or_warn(peft_module) -> None:
+    try:
         install()
-    elif not any(isinstance(f, _PeftImportHook) for f in sys.meta_path):
-        sys.meta_path.insert(0, _PeftImportHook())
-
-
-class _PeftImportHook(importlib.abc.MetaPathFinder):
-    """Runs `install()` right after the top-level `peft` package has been imported."""
-
-    def find_spec(self, fullname, path, target=None):
-        if fullname != "peft":
-            return None
-        spec = importlib.machinery.PathFinder.find_spec(fullname, path)
-        if spec is None or spec.loader is None:
-            return None
-        exec_module = spec.loader.exec_module
-
-        def exec_then_install(module):
-            exec_module(module)
-            sys.meta_path[:] = [f for f in sys.meta_path if not isinstance(f, _PeftImportHook)]
-            try:
-                install()
-            except Exception as e:  # never break `import peft` for people who use no lowbit layer
-                warnings.warn(f"lowbit could not connect to peft {getattr(module, '__version__', '?')} ({e!r}): "
-                              f"LoRA on lowbit layers needs peft {SUPPORTED_PEFT}", RuntimeWarning)  # fmt: skip
-
-        spec.loader.exec_module = exec_then_install
-        return spec
+    except Exception as e:  # never break `import peft` for people who use no lowbit layer
+        warnings.warn(f"lowbit could not connect to peft {getattr(peft_module, '__version__', '?')} ({e!r}): "
+                      f"LoRA on lowbit layers needs peft {SUPPORTED_PEFT}", RuntimeWarning)  # fmt: skip
 
 
 @functools.cache
