@@ -16,6 +16,7 @@
 #include <cstdint>
 
 #include "cpu/isa.h"
+#include "cpu/row_groups.h"
 
 #if LOWBIT_ARM
 namespace lowbit::neon {
@@ -62,16 +63,9 @@ void int8_weight_gemv_rows(const int8_t* CB, const float* scale, const float* x,
 // All M rows of x, four at a time.
 inline void int8_weight_gemv(const int8_t* CB, const float* scale, const float* x, int64_t M, int64_t N, int64_t K,
                              float* out, int64_t n0, int64_t n1) {
-  for (int64_t m = 0; m < M; m += 4) {
-    const float* xm = x + m * K;
-    float* om = out + m * N;
-    switch (std::min<int64_t>(4, M - m)) {
-      case 1: int8_weight_gemv_rows<1>(CB, scale, xm, N, K, om, n0, n1); break;
-      case 2: int8_weight_gemv_rows<2>(CB, scale, xm, N, K, om, n0, n1); break;
-      case 3: int8_weight_gemv_rows<3>(CB, scale, xm, N, K, om, n0, n1); break;
-      default: int8_weight_gemv_rows<4>(CB, scale, xm, N, K, om, n0, n1); break;
-    }
-  }
+  for_each_row_group<4>(M, [&](auto rows, int64_t m) {
+    int8_weight_gemv_rows<rows>(CB, scale, x + m * K, N, K, out + m * N, n0, n1);
+  });
 }
 
 // acc += the 16 byte products of a and b, in fours: the two instruction sets' step of the int8 product.

@@ -20,6 +20,7 @@
 #include "cpu/isa.h"
 #include "cpu/panel_gemm.h"
 #include "cpu/panel_gemm_avx2.h"
+#include "cpu/row_groups.h"
 #include "rows.h"
 #include "validate.h"
 
@@ -128,16 +129,9 @@ LOWBIT_AVX512 void gemv_avx512_rows(const int8_t* CB, const float* scale, const 
 
 void gemv_avx512(const int8_t* CB, const float* scale, const float* x, int64_t M, int64_t N, int64_t K, float* out) {
   at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
-    for (int64_t m = 0; m < M; m += 4) {
-      const float* xm = x + m * K;
-      float* om = out + m * N;
-      switch (std::min<int64_t>(4, M - m)) {
-        case 1: gemv_avx512_rows<1>(CB, scale, xm, N, K, om, n0, n1); break;
-        case 2: gemv_avx512_rows<2>(CB, scale, xm, N, K, om, n0, n1); break;
-        case 3: gemv_avx512_rows<3>(CB, scale, xm, N, K, om, n0, n1); break;
-        default: gemv_avx512_rows<4>(CB, scale, xm, N, K, om, n0, n1); break;
-      }
-    }
+    for_each_row_group<4>(M, [&](auto rows, int64_t m) {
+      gemv_avx512_rows<rows>(CB, scale, x + m * K, N, K, out + m * N, n0, n1);
+    });
   });
 }
 
@@ -184,16 +178,9 @@ void gemv_avx2(const int8_t* CB, const float* scale, const float* x, int64_t M, 
   at::parallel_for(0, N, kRowTile, [&](int64_t n0, int64_t n1) {
     for (int64_t t0 = n0; t0 < n1; t0 += kRowTile) {
       const int64_t t1 = std::min(n1, t0 + kRowTile);
-      for (int64_t m = 0; m < M; m += 4) {
-        const float* xm = x + m * K;
-        float* om = out + m * N;
-        switch (std::min<int64_t>(4, M - m)) {
-          case 1: gemv_avx2_rows<1>(CB, scale, xm, N, K, om, t0, t1); break;
-          case 2: gemv_avx2_rows<2>(CB, scale, xm, N, K, om, t0, t1); break;
-          case 3: gemv_avx2_rows<3>(CB, scale, xm, N, K, om, t0, t1); break;
-          default: gemv_avx2_rows<4>(CB, scale, xm, N, K, om, t0, t1); break;
-        }
-      }
+      for_each_row_group<4>(M, [&](auto rows, int64_t m) {
+        gemv_avx2_rows<rows>(CB, scale, x + m * K, N, K, out + m * N, t0, t1);
+      });
     }
   });
 }

@@ -22,6 +22,7 @@
 #include "cpu/nibbles_neon.h"
 #include "cpu/panel_gemm.h"
 #include "cpu/panel_gemm_avx2.h"
+#include "cpu/row_groups.h"
 #include "formats.h"
 #include "rows.h"
 #include "validate.h"
@@ -170,20 +171,9 @@ void gemv_avx512(const Weight4& w, const float* x, int64_t M, float* out) {
     // touched, so with M > 8 the packed bytes are re-read from L1/L2, not from memory.
     for (int64_t t0 = n0; t0 < n1; t0 += kRowTile) {
       const int64_t t1 = std::min(n1, t0 + kRowTile);
-      for (int64_t m = 0; m < M; m += kGemvRows) {
-        const float* xm = xp.data() + m * w.K;
-        float* om = out + m * w.N;
-        switch (std::min(kGemvRows, M - m)) {
-          case 1: gemv_avx512_rows<1>(w, xm, om, t0, t1); break;
-          case 2: gemv_avx512_rows<2>(w, xm, om, t0, t1); break;
-          case 3: gemv_avx512_rows<3>(w, xm, om, t0, t1); break;
-          case 4: gemv_avx512_rows<4>(w, xm, om, t0, t1); break;
-          case 5: gemv_avx512_rows<5>(w, xm, om, t0, t1); break;
-          case 6: gemv_avx512_rows<6>(w, xm, om, t0, t1); break;
-          case 7: gemv_avx512_rows<7>(w, xm, om, t0, t1); break;
-          default: gemv_avx512_rows<8>(w, xm, om, t0, t1); break;
-        }
-      }
+      for_each_row_group<kGemvRows>(M, [&](auto rows, int64_t m) {
+        gemv_avx512_rows<rows>(w, xp.data() + m * w.K, out + m * w.N, t0, t1);
+      });
     }
   });
 }
@@ -275,16 +265,9 @@ void gemv_avx2(const Weight4& w, const float* x, int64_t M, float* out) {
   at::parallel_for(0, w.N, kRowTile, [&](int64_t n0, int64_t n1) {
     for (int64_t t0 = n0; t0 < n1; t0 += kRowTile) {
       const int64_t t1 = std::min(n1, t0 + kRowTile);
-      for (int64_t m = 0; m < M; m += kAvx2GemvRows) {
-        const float* xm = xp.data() + m * w.K;
-        float* om = out + m * w.N;
-        switch (std::min(kAvx2GemvRows, M - m)) {
-          case 1: gemv_avx2_rows<1>(w, xm, om, t0, t1); break;
-          case 2: gemv_avx2_rows<2>(w, xm, om, t0, t1); break;
-          case 3: gemv_avx2_rows<3>(w, xm, om, t0, t1); break;
-          default: gemv_avx2_rows<4>(w, xm, om, t0, t1); break;
-        }
-      }
+      for_each_row_group<kAvx2GemvRows>(M, [&](auto rows, int64_t m) {
+        gemv_avx2_rows<rows>(w, xp.data() + m * w.K, out + m * w.N, t0, t1);
+      });
     }
   });
 }

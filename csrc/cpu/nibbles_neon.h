@@ -20,6 +20,7 @@
 #include <cstring>
 
 #include "cpu/isa.h"
+#include "cpu/row_groups.h"
 #include "formats.h"
 
 #if LOWBIT_ARM
@@ -123,16 +124,9 @@ void gemv_4bit_rows(const Weight4& w, const float* x, int64_t N, float* out, int
 
 // All M rows of x, four at a time.
 inline void gemv_4bit(const Weight4& w, const float* x, int64_t M, float* out, int64_t n0, int64_t n1) {
-  for (int64_t m = 0; m < M; m += 4) {
-    const float* xm = x + m * w.K;
-    float* om = out + m * w.N;
-    switch (std::min<int64_t>(4, M - m)) {
-      case 1: gemv_4bit_rows<1>(w, xm, w.N, om, n0, n1); break;
-      case 2: gemv_4bit_rows<2>(w, xm, w.N, om, n0, n1); break;
-      case 3: gemv_4bit_rows<3>(w, xm, w.N, om, n0, n1); break;
-      default: gemv_4bit_rows<4>(w, xm, w.N, om, n0, n1); break;
-    }
-  }
+  for_each_row_group<4>(M, [&](auto rows, int64_t m) {
+    gemv_4bit_rows<rows>(w, x + m * w.K, w.N, out + m * w.N, n0, n1);
+  });
 }
 
 }  // namespace lowbit::neon
