@@ -93,7 +93,7 @@ def test_calibration_that_misses_a_layer_is_refused():
 
 def test_config_field_round_trips_and_is_validated():
     config = LowbitConfig(**AW)
-    assert config.to_dict()["scale_search"] == "activation" and config.to_dict()["lowbit_config_version"] == 3
+    assert config.to_dict()["scale_search"] == "activation" and config.to_dict()["lowbit_config_version"] == LowbitConfig.VERSION
     assert LowbitConfig(**{k: v for k, v in config.to_dict().items() if k != "quant_method"}) == config
     with pytest.raises(ValueError, match=r"scale_search must be one of \[None, 'mse', 'activation'\], got 'awq'"):
         LowbitConfig(load_in_4bit=True, scale_search="awq")
