@@ -3,8 +3,11 @@
 # it failed; the exit status says whether all passed):
 #   1. build lowbit with its CUDA kernels for the GPU present (LOWBIT_CUDA=ON);
 #   2. the CUDA cases of the op, fallback and layer tests, and tests/test_cuda.py;
-#   3. tests/test_cuda.py under compute-sanitizer memcheck, at most 3 minutes (some machines refuse it: then
-#      the log says so; a timeout there fails the step and the log shows how far it got);
+#   3. tests/test_cuda.py under compute-sanitizer memcheck, at most 3 minutes, with PyTorch's caching allocator off
+#      (it sub-allocates big segments, inside which memcheck sees no out-of-bounds access) and without -x (every
+#      kernel runs even after a failure); graph capture, torch.compile and model loading need the cache and are
+#      deselected there. Then a short racecheck pass on small cases (shared memory races). Some machines refuse
+#      the sanitizer: the log says so; a timeout fails the step and the log shows how far it got;
 #   4. benchmarks/bench_cuda.py (bench_cuda.json).
 # Budget: about 8 minutes on an H200 machine, so a 15-minute lease leaves room for one rerun.
 #   locally: OUT=/tmp/gpu bash scripts/gpu_check.sh     (without a GPU the build fails or the CUDA tests skip)
@@ -27,6 +30,10 @@ python3 -c "import json, lowbit, torch; print(json.dumps({**lowbit.build_info(),
 cat "$OUT/build_info.json"
 step tests python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_fallback.py \
   "tests/test_ops.py" "tests/test_nn.py" -k "cuda or test_cuda or fallback"
-step sanitizer timeout 180 compute-sanitizer --tool memcheck --error-exitcode 1 python3 -m pytest -q -p no:cacheprovider -x tests/test_cuda.py
+needs_cache="not cuda_graph and not compiles_fullgraph and not model_loaded"
+step memcheck env PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout 180 compute-sanitizer --tool memcheck --error-exitcode 1 \
+  python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py -k "$needs_cache"
+step racecheck env PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout 90 compute-sanitizer --tool racecheck --error-exitcode 1 \
+  python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py -k "misaligned or linear_4bit_cuda_paths"
 step bench python3 benchmarks/bench_cuda.py --out "$OUT"
 exit $status
