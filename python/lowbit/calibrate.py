@@ -70,13 +70,25 @@ def input_second_moments(model: nn.Module, modules: Mapping[str, nn.Module], cal
 
     calibration: token ids ([tokens] or [batch, tokens]), or an iterable of batches, each a tensor (passed
     as the model's first argument) or a dict of keyword arguments."""
+    return _input_means(model, modules, calibration, lambda x: (x * x).sum(0), "weigh their scale search by")
+
+
+@torch.no_grad()
+def input_grams(model: nn.Module, modules: Mapping[str, nn.Module], calibration) -> dict[str, torch.Tensor]:
+    """As input_second_moments, the whole mean of xᵀx: [in_features, in_features] per module (GPTQ's Hessian, up
+    to a factor)."""
+    return _input_means(model, modules, calibration, lambda x: x.T @ x, "compensate their rounding error with")
+
+
+def _input_means(model, modules, calibration, statistic, purpose: str) -> dict[str, torch.Tensor]:
+    """The mean over every input row each named module saw of statistic(rows) / rows (rows: [n, in_features])."""
     sums: dict[str, torch.Tensor] = {}
     rows: dict[str, int] = {}
 
     def hook_for(name):
         def hook(_module, inputs, _output):
             x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).float()
-            sums[name] = sums.get(name, 0) + (x * x).sum(0)
+            sums[name] = sums.get(name, 0) + statistic(x)
             rows[name] = rows.get(name, 0) + x.shape[0]
 
         return hook
@@ -94,5 +106,5 @@ def input_second_moments(model: nn.Module, modules: Mapping[str, nn.Module], cal
     unseen = [name for name in modules if name not in sums]
     if unseen:
         raise ValueError(f"the calibration data never reached {len(unseen)} layer(s) to be quantized, e.g. "
-                         f"{unseen[0]!r}: no activations to weigh their scale search by")  # fmt: skip
+                         f"{unseen[0]!r}: no activations to {purpose}")  # fmt: skip
     return {name: sums[name] / rows[name] for name in modules}

@@ -25,6 +25,11 @@ from .schemes import FULL_PRECISION, SCHEMES
 #   "activation"  searched to minimise the error weighted by each input feature's mean squared activation on
 #                 calibration data: quantize_model(..., calibration=...) only, as loading cannot run the model.
 SCALE_SEARCHES = (None, "mse", "activation")
+# How codes are chosen (the stored format is the same for all):
+#   None     round to nearest, each weight on its own;
+#   "gptq"   GPTQ: column by column, each column's rounding error moved onto the columns not yet quantized as the
+#            layer's calibration inputs weigh it (lowbit.gptq): quantize_model(..., calibration=...) only.
+QUANTIZERS = (None, "gptq")
 # Modules kept in full precision when llm_int8_skip_modules is not given (as transformers does).
 DEFAULT_SKIP = ("lm_head",)
 
@@ -52,7 +57,8 @@ class LowbitConfig(QuantizationConfigMixin):
     # 3: scale_search
     # 4: module_overrides saved as a list of [pattern, scheme] pairs: transformers writes config.json with sorted
     #    keys, which reordered a dict's patterns, and the first match wins (a dict is still read)
-    VERSION = 4
+    # 5: quantizer
+    VERSION = 5
 
     def __init__(
         self,
@@ -69,6 +75,7 @@ class LowbitConfig(QuantizationConfigMixin):
         blocksize: int = 64,
         llm_int8_weight_only: bool = False,
         scale_search: Optional[str] = None,
+        quantizer: Optional[str] = None,
         module_overrides: Optional[dict[str, str] | list[tuple[str, str]]] = None,
         bits: Optional[int] = None,
         **kwargs: Any,
@@ -115,6 +122,8 @@ class LowbitConfig(QuantizationConfigMixin):
             "bnb_4bit_quant_storage", parse_storage, bnb_4bit_quant_storage)
         if scale_search not in SCALE_SEARCHES:
             raise ValueError(f"scale_search must be one of {list(SCALE_SEARCHES)}, got {scale_search!r}")
+        if quantizer not in QUANTIZERS:
+            raise ValueError(f"quantizer must be one of {list(QUANTIZERS)}, got {quantizer!r}")
         overrides = _ordered_overrides(module_overrides)
         for pattern, scheme in overrides.items():
             if scheme not in (*SCHEMES, FULL_PRECISION):
@@ -130,6 +139,7 @@ class LowbitConfig(QuantizationConfigMixin):
         self.llm_int8_skip_modules = None if llm_int8_skip_modules is None else list(llm_int8_skip_modules)
         self.llm_int8_weight_only = bool(llm_int8_weight_only)
         self.scale_search = scale_search
+        self.quantizer = quantizer
         self.llm_int8_enable_fp32_cpu_offload = bool(llm_int8_enable_fp32_cpu_offload)
         self.llm_int8_has_fp16_weight = False
         self.bnb_4bit_compute_dtype = compute_dtype
@@ -170,6 +180,7 @@ class LowbitConfig(QuantizationConfigMixin):
             "llm_int8_skip_modules": self.llm_int8_skip_modules,
             "llm_int8_weight_only": self.llm_int8_weight_only,
             "scale_search": self.scale_search,
+            "quantizer": self.quantizer,
             "llm_int8_enable_fp32_cpu_offload": self.llm_int8_enable_fp32_cpu_offload,
             "llm_int8_has_fp16_weight": self.llm_int8_has_fp16_weight,
             "bnb_4bit_compute_dtype": None if self.bnb_4bit_compute_dtype is None else dtype_name(self.bnb_4bit_compute_dtype),

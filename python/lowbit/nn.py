@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 
 from . import ops
+from .gptq import gptq_4bit, gptq_int8
 from .formats import (
     ABSMAX,
     INT8_FORMAT,
@@ -39,6 +40,14 @@ from .formats import (
 )
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _check_hessian(hessian: torch.Tensor, in_features: int) -> None:
+    if not isinstance(hessian, torch.Tensor) or hessian.shape != (in_features, in_features):
+        shape = list(hessian.shape) if isinstance(hessian, torch.Tensor) else type(hessian).__name__
+        raise ValueError(f"hessian must be the [{in_features}, {in_features}] mean xᵀx of the layer's inputs, got {shape}")
+    if not torch.isfinite(hessian).all():
+        raise ValueError("hessian holds NaN or Inf (calibration activations overflowed?)")
 
 
 def _autocast(x: torch.Tensor) -> torch.Tensor:
@@ -84,14 +93,16 @@ class QuantizedLinear(nn.Module):
         self.holds_weight = False
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, importance: Optional[torch.Tensor] = None, **options: Any):
+    def from_linear(cls, linear: nn.Linear, importance: Optional[torch.Tensor] = None,
+                    hessian: Optional[torch.Tensor] = None, **options: Any):  # fmt: skip
         """A quantized copy of `linear` (its weight is quantized; `linear` is left untouched). `importance`
-        (one weight per input feature) is for layers with a scale search (Linear4bit(scale_search=True))."""
+        (one weight per input feature) is for layers with a scale search (Linear4bit(scale_search=True));
+        `hessian` (the [in, in] mean xᵀx of calibration inputs) quantizes with GPTQ (lowbit.gptq)."""
         w = linear.weight
         _check_float_dtype(w.dtype, "the weight of the nn.Linear to quantize")
         layer = cls(linear.in_features, linear.out_features, linear.bias is not None, device=w.device, dtype=w.dtype,
                     **options)  # fmt: skip
-        layer.quantize_weight_(w, importance)
+        layer.quantize_weight_(w, importance, hessian=hessian)
         if linear.bias is not None:
             layer.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=linear.bias.requires_grad)
         return layer
@@ -282,14 +293,24 @@ class Linear4bit(QuantizedLinear):
                                    state.shape, self.weight_dtype)  # fmt: skip
 
     @torch.no_grad()
-    def quantize_weight_(self, weight: torch.Tensor, importance: Optional[torch.Tensor] = None) -> None:
+    def quantize_weight_(self, weight: torch.Tensor, importance: Optional[torch.Tensor] = None,
+                         hessian: Optional[torch.Tensor] = None) -> None:  # fmt: skip
         """Quantize a full-precision [out_features, in_features] weight into this layer (on its device).
 
         With scale_search, each block's scale is searched (ops.quantize_4bit_search) to minimise its squared
         error, each input feature's error weighted by `importance` [in_features] when given (e.g. the mean
-        squared activation of that feature on calibration data, see lowbit.calibrate). The format is the same."""
+        squared activation of that feature on calibration data, see lowbit.calibrate). With `hessian` ([in, in],
+        the inputs' mean xᵀx) the codes are chosen by GPTQ (lowbit.gptq). The format is the same."""
         self._check_weight(weight)
-        if self.scale_search:
+        if hessian is not None:
+            if importance is not None and not self.scale_search:
+                raise ValueError("importance weighs the scale search: build the layer with scale_search=True")
+            _check_hessian(hessian, self.in_features)
+            if importance is not None:
+                importance = _unit_scale(importance.to(weight.device, torch.float32))
+            packed, absmax = gptq_4bit(weight, hessian.to(weight.device), self.blocksize, self.quant_type,
+                                       search=self.scale_search, importance=importance)  # fmt: skip
+        elif self.scale_search:
             if importance is not None:
                 importance = _unit_scale(importance.to(weight.device, torch.float32))
             packed, absmax = ops.quantize_4bit_search(weight, self.blocksize, self.quant_type, importance=importance)
@@ -432,7 +453,10 @@ class Linear8bit(QuantizedLinear):
         return (self.weight.float() * (self.SCB / 127.0).unsqueeze(1)).to(self.weight_dtype)
 
     @torch.no_grad()
-    def quantize_weight_(self, weight: torch.Tensor, importance: Optional[torch.Tensor] = None) -> None:
+    def quantize_weight_(self, weight: torch.Tensor, importance: Optional[torch.Tensor] = None,
+                         hessian: Optional[torch.Tensor] = None) -> None:  # fmt: skip
+        """Quantize a full-precision weight: rows scaled by their absmax; with `hessian` ([in, in], the inputs'
+        mean xᵀx) the codes are chosen by GPTQ (lowbit.gptq) under the same row scales."""
         self._check_weight(weight)
         if importance is not None:
             raise ValueError("Linear8bit has no scale search to weigh: importance is for Linear4bit(scale_search=True)")
@@ -441,6 +465,9 @@ class Linear8bit(QuantizedLinear):
         if not torch.isfinite(half).all():
             raise ValueError("weight has NaN/Inf values or values beyond float16 range (|w| > 65504); cannot quantize")
         self.weight, self.SCB, _ = ops.int8_vectorwise_quant(half, 0.0)
+        if hessian is not None:
+            _check_hessian(hessian, self.in_features)
+            self.weight = gptq_int8(weight, hessian.to(weight.device), self.SCB)
         self.weight_dtype = weight.dtype
         self.holds_weight = True
 

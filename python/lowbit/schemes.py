@@ -32,14 +32,20 @@ class Scheme:
         """An empty layer for `config` (a loader fills it with quantize_weight_ or load_quantized_)."""
         return self.layer(in_features, out_features, bias, device=device, dtype=dtype, **self.layer_options(config))
 
-    def from_linear(self, linear, config, importance=None):
+    def from_linear(self, linear, config, importance=None, hessian=None):
         """A quantized copy of the nn.Linear `linear`, with the options `config` gives this scheme
-        (`importance`: per-input-feature weights for a scale search, see `calibrated`)."""
-        return self.layer.from_linear(linear, importance, **self.layer_options(config))
+        (`importance`: per-input-feature weights for a scale search; `hessian`: the inputs' xᵀx for GPTQ; see
+        `calibrated`)."""
+        return self.layer.from_linear(linear, importance, hessian=hessian, **self.layer_options(config))
+
+    def calibrated_search(self, config) -> bool:
+        """Whether this scheme under `config` runs the activation-weighted scale search."""
+        return bool(self.layer_options(config).get("scale_search")) and config.scale_search == "activation"
 
     def calibrated(self, config) -> bool:
-        """Whether this scheme under `config` weighs its quantization by calibration activations."""
-        return bool(self.layer_options(config).get("scale_search")) and config.scale_search == "activation"
+        """Whether this scheme under `config` weighs its quantization by calibration activations (an
+        activation-weighted scale search, or GPTQ)."""
+        return self.calibrated_search(config) or getattr(config, "quantizer", None) == "gptq"
 
 
 def _four_bit(quant_type: str) -> Callable[[Any], dict[str, Any]]:
@@ -62,6 +68,11 @@ _FOUR_BIT_VARIANTS = (
     ("-aw", ", scales searched for the least activation-weighted error", dict(scale_search="activation")),
     ("-aw-dq", ", activation-weighted scale search + double-quantized scales",
      dict(scale_search="activation", bnb_4bit_use_double_quant=True)),
+    ("-gptq", ", GPTQ error compensation on calibration text", dict(quantizer="gptq")),
+    ("-aw-gptq", ", GPTQ with each block's scale by the activation-weighted search",
+     dict(quantizer="gptq", scale_search="activation")),
+    ("-aw-gptq-dq", ", GPTQ + activation-weighted scale search + double-quantized scales",
+     dict(quantizer="gptq", scale_search="activation", bnb_4bit_use_double_quant=True)),
 )  # fmt: skip
 
 SCHEMES: dict[str, Scheme] = {
@@ -71,7 +82,8 @@ SCHEMES: dict[str, Scheme] = {
                lambda config: {"threshold": config.llm_int8_threshold}, dict(load_in_8bit=True),
                (("-t0", ", no outlier columns (threshold 0)", dict(llm_int8_threshold=0.0)),)),
         Scheme("int8-wo", "int8 weights, activations in float (W8A16)", Linear8bit,
-               lambda config: {"weight_only": True}, dict(load_in_8bit=True, llm_int8_weight_only=True)),
+               lambda config: {"weight_only": True}, dict(load_in_8bit=True, llm_int8_weight_only=True),
+               (("-gptq", ", GPTQ error compensation on calibration text", dict(quantizer="gptq")),)),
         Scheme("nf4", "4-bit NormalFloat, blocksize 64", Linear4bit, _four_bit("nf4"),
                dict(load_in_4bit=True, bnb_4bit_quant_type="nf4"), _FOUR_BIT_VARIANTS),
         Scheme("fp4", "4-bit float, blocksize 64", Linear4bit, _four_bit("fp4"),

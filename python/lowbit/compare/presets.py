@@ -63,6 +63,8 @@ def describe(config) -> str:
         name += f"-t{config.llm_int8_threshold:g}"
     if config.load_in_4bit and config.scale_search:
         name += "-aw" if config.scale_search == "activation" else f"-{config.scale_search}"
+    if getattr(config, "quantizer", None):
+        name += f"-{config.quantizer}"
     if config.load_in_4bit and config.bnb_4bit_use_double_quant:
         name += "-dq"
     if config.load_in_4bit and config.blocksize != 64:

@@ -105,6 +105,12 @@ class LowbitHfQuantizer(HfQuantizer):
             )
 
     def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
+        if not self.pre_quantized and self.quantization_config.quantizer == "gptq":
+            raise ValueError(
+                'quantizer="gptq" needs the full-precision model run on calibration data, which loading cannot do: '
+                "load in full precision, then lowbit.quantize_model(model, config, calibration=ids) (and save_pretrained "
+                "to keep the result: it loads anywhere bitsandbytes checkpoints do)"
+            )
         if not self.pre_quantized and self.quantization_config.scale_search == "activation":
             raise ValueError(
                 'scale_search="activation" needs the full-precision model run on calibration data, which loading '
