@@ -91,3 +91,12 @@ def test_import_leaves_the_report_dependencies_unloaded():
     code = "import sys, lowbit; print(sorted({'pandas', 'matplotlib', 'rich'} & set(sys.modules)))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_the_rebuild_hint_names_where_lowbit_came_from():
+    # lowbit is not on PyPI: after a torch upgrade the hint must rebuild from the checkout (or wheel) it came from.
+    from lowbit._native import _rebuild_hint
+
+    hint = _rebuild_hint("2.12.0")
+    assert "pip install --no-build-isolation --force-reinstall --no-deps " in hint and "torch 2.12.0" in hint
+    assert not hint.rstrip("`.").endswith("--no-deps lowbit")

@@ -25,12 +25,12 @@ def _rebuild_hint(built_torch: str | None = None) -> str:
             source = None if is_wheel else f"{'-e ' if editable else ''}{path}"
     except Exception:  # no metadata (a bare checkout on sys.path): the generic hint below
         pass
-    back = f" or reinstall torch {built_torch}, the one it was built against," if built_torch else ""
+    back = f" (or reinstall torch {built_torch}, the one it was built against)" if built_torch else ""
     if source is None:
-        return (f"Rebuild lowbit against the installed torch from its source checkout{back}: "
-                "`pip install --no-build-isolation --force-reinstall --no-deps .` in that checkout.")  # fmt: skip
-    return (f"Rebuild lowbit against the installed torch{back}: "
-            f"`pip install --no-build-isolation --force-reinstall --no-deps {source}`.")  # fmt: skip
+        return ("Rebuild lowbit against the installed torch from its source checkout: `pip install "
+                f"--no-build-isolation --force-reinstall --no-deps .` in that checkout{back}.")  # fmt: skip
+    return (f"Rebuild lowbit against the installed torch: "
+            f"`pip install --no-build-isolation --force-reinstall --no-deps {source}`{back}.")  # fmt: skip
 
 
 def _package_dirs() -> list[Path]:
