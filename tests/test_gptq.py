@@ -117,3 +117,15 @@ def test_compare_runs_the_gptq_presets(tiny_llama_dir):
                      max_tokens=160, context=64, stride=32)  # fmt: skip
     assert [r.name for r in report.results] == ["full", "nf4", "nf4-gptq", "int8-wo-gptq"]
     assert "for GPTQ" in report.calibration and report["nf4-gptq"].layers
+
+
+def test_the_budget_proposal_works_over_gptq_presets(tiny_llama_dir):
+    from lowbit.compare import compare
+
+    report = compare(tiny_llama_dir, "nf4-gptq,int8-wo-gptq", prompts=[], timing=False, progress=False,
+                     max_tokens=160, context=64, stride=32, max_ppl_increase=0.0005)  # fmt: skip
+    proposal = report.proposal
+    assert proposal.base in ("nf4-gptq", "int8-wo-gptq") and proposal.config["quantizer"] == "gptq"
+    if proposal.promoted:  # the mix was quantized with GPTQ too, and measured
+        mixed = report["mixed"]
+        assert mixed.config["module_overrides"] == proposal.overrides and proposal.measured_change == mixed.ppl_change

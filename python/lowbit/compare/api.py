@@ -47,7 +47,7 @@ SPEED_DECODE_STEPS = 16
 
 _CONFIG_FIELDS = (
     "load_in_8bit", "load_in_4bit", "llm_int8_threshold", "llm_int8_weight_only", "llm_int8_skip_modules",
-    "bnb_4bit_quant_type", "bnb_4bit_use_double_quant", "blocksize", "scale_search", "module_overrides",
+    "bnb_4bit_quant_type", "bnb_4bit_use_double_quant", "blocksize", "scale_search", "quantizer", "module_overrides",
 )  # fmt: skip
 
 
