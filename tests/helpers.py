@@ -19,12 +19,10 @@ DEVICES = [
 
 # lowbit's CPU kernel levels on this machine's architecture, lowest first (csrc/cpu/isa.h), and the ones below the
 # top two that tests force with LOWBIT_CPU_ISA besides the native one (the portable level always among them).
-CPU_LEVELS = {
-    "x86_64": ["portable", "avx2", "avx512", "amx"], "AMD64": ["portable", "avx2", "avx512", "amx"],
-    "aarch64": ["portable", "neon", "dotprod"], "arm64": ["portable", "neon", "dotprod"],
-}.get(platform.machine(), ["portable"])  # fmt: skip
-LOWER_CPU_LEVELS = {"x86_64": ["avx2", "portable"], "AMD64": ["avx2", "portable"], "aarch64": ["neon", "portable"],
-                    "arm64": ["neon", "portable"]}.get(platform.machine(), ["portable"])  # fmt: skip
+ARCH = {"AMD64": "x86_64", "arm64": "aarch64"}.get(platform.machine(), platform.machine())
+CPU_LEVELS = {"x86_64": ["portable", "avx2", "avx512", "amx"], "aarch64": ["portable", "neon", "dotprod"]}.get(
+    ARCH, ["portable"])  # fmt: skip
+LOWER_CPU_LEVELS = [*CPU_LEVELS[1:2], "portable"]
 
 # Awkward sizes on purpose: 1 (decode), 17 (odd, not a multiple of anything), 1025 (one past a
 # power of two, so blocks straddle rows and the last block is partial).

@@ -1,13 +1,13 @@
 """Every native op against its plain-PyTorch reference (lowbit.reference), opcheck, autograd and bad input."""
 
 import os
-import platform
 import subprocess
 import sys
 
 import pytest
 import torch
 from helpers import (
+    ARCH,
     CPU_LEVELS,
     DTYPES,
     K_BLOCKSIZES,
@@ -392,7 +392,7 @@ def test_int8_mm_is_exact(kernel_device, M, K):
     assert torch.equal(ops.int8_mm(A, B), reference.int8_mm(A, B))
 
 
-@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="oneDNN's ISA cap names x86 levels")
+@pytest.mark.skipif(ARCH != "x86_64", reason="oneDNN's ISA cap names x86 levels")
 def test_int8_mm_is_exact_where_onednn_lacks_vnni():
     # at::_int_mm's oneDNN kernels without VNNI saturate int16 pair sums and return wrong products, so there lowbit
     # runs its own GEMM beyond 8 rows (on AVX2; the float GEMM on the portable level). A fresh process with oneDNN

@@ -100,16 +100,16 @@ RowQuantized quantize_rows(const at::Tensor& x, double threshold) {
   const float thr = static_cast<float>(threshold);
   at::Tensor col_is_outlier;
   at::Tensor outlier_cols = at::empty({0}, x.options().dtype(at::kLong));
+  [[maybe_unused]] const bool avx2 = cpu_isa() >= CpuIsa::avx2;
   if (threshold > 0 && x.numel() > 0) {
     col_is_outlier = at::zeros({K}, x.options().dtype(at::kByte));
     const float* xp = x.const_data_ptr<float>();
     uint8_t* flags = col_is_outlier.data_ptr<uint8_t>();
-    [[maybe_unused]] const bool vectorized = cpu_isa() >= CpuIsa::avx2;
     // Threads take column ranges (a multiple of 64 bytes of flags, so no two write one cache line).
     at::parallel_for(0, (K + 63) / 64, std::max<int64_t>(1, 4096 / std::max<int64_t>(M, 1)), [&](int64_t c0, int64_t c1) {
       const int64_t k0 = c0 * 64, k1 = std::min(K, c1 * 64);
 #if LOWBIT_X86
-      if (vectorized) return mark_outlier_columns_avx2(xp, M, K, thr, k0, k1, flags);
+      if (avx2) return mark_outlier_columns_avx2(xp, M, K, thr, k0, k1, flags);
 #endif
       mark_outlier_columns(xp, M, K, thr, k0, k1, flags);
     });
@@ -121,7 +121,6 @@ RowQuantized quantize_rows(const at::Tensor& x, double threshold) {
   const float* src = x.const_data_ptr<float>();
   int8_t* dst = q.data_ptr<int8_t>();
   float* stats = row_stats.data_ptr<float>();
-  [[maybe_unused]] const bool avx2 = cpu_isa() >= CpuIsa::avx2;
   at::parallel_for(0, M, 1, [&](int64_t m0, int64_t m1) {
     for (int64_t m = m0; m < m1; ++m) {
       const float* xr = src + m * K;

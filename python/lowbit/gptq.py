@@ -81,14 +81,15 @@ def gptq_4bit(weight: torch.Tensor, hessian: torch.Tensor, blocksize: int, quant
     inverse = torch.empty(N, dtype=torch.float32, device=W.device)
 
     def quantize_column(k: int, w: torch.Tensor, rest: torch.Tensor) -> torch.Tensor:
-        if k % blocksize == 0 and search:  # the block's scale, from its error-updated weights
-            block_importance = None if importance is None else importance[k : k + blocksize].contiguous()
-            absmax[:, k // blocksize] = ops.quantize_4bit_search(rest[:, :blocksize].contiguous(), blocksize, quant_type,
-                                                                 importance=block_importance)[1]  # fmt: skip
-            inverse.copy_(1.0 / absmax[:, k // blocksize].clamp(min=torch.finfo(torch.float32).tiny))
-        elif k % blocksize == 0:
-            absmax[:, k // blocksize] = rest[:, :blocksize].abs().amax(1)
-            inverse.copy_(1.0 / absmax[:, k // blocksize].clamp(min=torch.finfo(torch.float32).tiny))
+        if k % blocksize == 0:  # the block's scale, from its error-updated weights
+            block = rest[:, :blocksize]
+            if search:
+                block_importance = None if importance is None else importance[k : k + blocksize].contiguous()
+                scale = ops.quantize_4bit_search(block.contiguous(), blocksize, quant_type, importance=block_importance)[1]
+            else:
+                scale = block.abs().amax(1)
+            absmax[:, k // blocksize] = scale
+            inverse.copy_(1.0 / scale.clamp(min=torch.finfo(torch.float32).tiny))
         c = order[torch.bucketize((w * inverse).clamp(-1, 1), bounds)]
         codes[:, k] = c.to(torch.uint8)
         return code[c] * absmax[:, k // blocksize]

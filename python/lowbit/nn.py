@@ -302,20 +302,16 @@ class Linear4bit(QuantizedLinear):
         squared activation of that feature on calibration data, see lowbit.calibrate). With `hessian` ([in, in],
         the inputs' mean xᵀx) the codes are chosen by GPTQ (lowbit.gptq). The format is the same."""
         self._check_weight(weight)
-        if hessian is not None:
-            if importance is not None and not self.scale_search:
+        if importance is not None:
+            if not self.scale_search:
                 raise ValueError("importance weighs the scale search: build the layer with scale_search=True")
+            importance = _unit_scale(importance.to(weight.device, torch.float32))
+        if hessian is not None:
             _check_hessian(hessian, self.in_features)
-            if importance is not None:
-                importance = _unit_scale(importance.to(weight.device, torch.float32))
             packed, absmax = gptq_4bit(weight, hessian.to(weight.device), self.blocksize, self.quant_type,
                                        search=self.scale_search, importance=importance)  # fmt: skip
         elif self.scale_search:
-            if importance is not None:
-                importance = _unit_scale(importance.to(weight.device, torch.float32))
             packed, absmax = ops.quantize_4bit_search(weight, self.blocksize, self.quant_type, importance=importance)
-        elif importance is not None:
-            raise ValueError("importance weighs the scale search: build the layer with scale_search=True")
         else:
             packed, absmax = ops.quantize_4bit(weight, self.blocksize, self.quant_type)
         if self.double_quant:

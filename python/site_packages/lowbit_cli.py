@@ -26,7 +26,7 @@ def version() -> str:
         info_path = Path(directory) / "build_info.json"
         if info_path.is_file():
             info = json.loads(info_path.read_text())
-            cuda = info.get("cuda_archs") or "none" if info.get("cuda") else "none"
+            cuda = (info.get("cuda_archs") or "none") if info.get("cuda") else "none"
             text += f" (built against torch {info.get('torch')}; CUDA kernels: {cuda})"
             break
     return text

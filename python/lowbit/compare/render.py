@@ -18,7 +18,8 @@ from .evaluate import Generation
 if TYPE_CHECKING:  # report.py imports this module for its methods, so only type checkers import it back
     from .report import LayerError, Report
 
-TIMING_SPREAD_LIMIT = 0.25  # report.TIMING_SPREAD_LIMIT (not imported: report.py imports this module)
+# Timed runs of one config further apart than this (relative to their median) make the report warn.
+TIMING_SPREAD_LIMIT = 0.25
 # Fewest measured layers over which the note states the estimate's rank correlation with the measurements.
 MIN_RANKED_LAYERS = 10
 

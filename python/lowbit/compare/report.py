@@ -15,8 +15,6 @@ from .metrics import Agreement, rank_correlation
 
 # The perplexity budgets the report's "what to use" line answers for.
 ADVICE_BUDGETS = (0.005, 0.01, 0.02, 0.05)
-# Timed runs of one config further apart than this (relative to their median) make the report warn.
-TIMING_SPREAD_LIMIT = 0.25
 
 
 @dataclass
@@ -177,7 +175,7 @@ class Report:
             grouped.append(([], smallest))
         return grouped
 
-    def timing_disagreements(self, limit: float = TIMING_SPREAD_LIMIT) -> list[str]:
+    def timing_disagreements(self, limit: float = render.TIMING_SPREAD_LIMIT) -> list[str]:
         """Configs whose timed runs disagreed by more than `limit` (relative spread of prefill or decode)."""
         return [r.name for r in self.results
                 if r.speed and max(r.speed.prefill_spread, r.speed.decode_spread) > limit]  # fmt: skip
