@@ -136,7 +136,11 @@ void gemv_avx512(const int8_t* CB, const float* scale, const float* x, int64_t M
 }
 
 // AVX2: the same GEMV with 8 weights per step (vpmovsxbd + vcvtdq2ps), MT <= 4 rows of x, each with 4 / MT
-// accumulators for the same reason as above; AVX2's 16 registers hold 4 rows' accumulators, the weights and x.
+// accumulators for the same reason as above, and at least 2: with one 8-lane chain per row, each lane summed K / 8
+// products in a row, twice the AVX-512 GEMV's run, and at K = 1025 it erred beyond the tests' bound (twice the
+// reference's error; test_weight_only_int8_keeps_activations_in_float with the AVX2 kernels, every run); two
+// chains give it the AVX-512 GEMV's 16 partial sums. AVX2's 16 registers hold 4 rows' 8 accumulators, the weights
+// and x.
 LOWBIT_AVX2 inline __m256 int8x8_to_float(const int8_t* p) {
   return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
 }
@@ -144,7 +148,7 @@ LOWBIT_AVX2 inline __m256 int8x8_to_float(const int8_t* p) {
 template <int MT>
 LOWBIT_AVX2 void gemv_avx2_rows(const int8_t* CB, const float* scale, const float* x, int64_t N, int64_t K,
                                 float* out, int64_t n0, int64_t n1) {
-  constexpr int U = MT >= 3 ? 1 : 4 / MT;
+  constexpr int U = MT >= 3 ? 2 : 4 / MT;
   const int64_t K_unrolled = K / (8 * U) * (8 * U), K8 = K / 8 * 8;
   for (int64_t n = n0; n < n1; ++n) {
     const int8_t* row = CB + n * K;
