@@ -43,8 +43,8 @@ inline void mm_over_halves_of_k(at::Tensor out, const at::Tensor& x, const at::T
   out.addmm_(x.narrow(1, half, K - half), w.narrow(1, half, K - half).t());
 }
 
-// x: float32 [M, K]; out: float32 [M, N]. decode(n0, n1, dst) writes weight rows [n0, n1) as float32 rows of
-// K values, in the same column order as x.
+// x: float32 [M, K]; out: [M, N]. decode(n0, n1, dst) writes weight rows [n0, n1) as float32 rows of K values, in
+// the same column order as x; multiply(out_part, x_part, slab) writes x_part @ slab.T into out_part (a view of out).
 //
 // Each thread takes an equal share of the weight rows and, slab by slab, decodes them and multiplies them
 // with a GEMM of its own (single-threaded inside the parallel region). Sharing each slab among the threads
@@ -58,8 +58,9 @@ inline void mm_over_halves_of_k(at::Tensor out, const at::Tensor& x, const at::T
 // A weight that fits one slab with many rows of x is split the other way: every thread decodes all of it and
 // multiplies its own share of x's rows, since halving a narrow weight (192 rows) costs the GEMM more than a
 // second decode costs (192 x 576 at 512 rows: 0.88-0.91x against 0.78-0.80x).
-template <typename Decode>
-void gemm_slabs(int64_t N, int64_t K, const at::Tensor& x, at::Tensor& out, const Decode& decode) {
+template <typename Decode, typename Multiply>
+void gemm_slabs(int64_t N, int64_t K, const at::Tensor& x, at::Tensor& out, const Decode& decode,
+                const Multiply& multiply) {
   const int64_t M = x.size(0);
   const int64_t slab_floats = std::clamp(kSlabPerX * M * K, kMinSlabFloats, kMaxSlabFloats);
   const int64_t threads = std::max(1, at::get_num_threads());
@@ -71,8 +72,8 @@ void gemm_slabs(int64_t N, int64_t K, const at::Tensor& x, at::Tensor& out, cons
       const at::ThreadLocalStateGuard guard(caller_state);
       float* dst = slab_memory(N * K);
       decode(0, N, dst);
-      mm_over_halves_of_k(out.narrow(0, begin, end - begin), x.narrow(0, begin, end - begin),
-                          at::from_blob(dst, {N, K}, x.options()));
+      multiply(out.narrow(0, begin, end - begin), x.narrow(0, begin, end - begin),
+               at::from_blob(dst, {N, K}, x.options()));
     });
     return;
   }
@@ -89,9 +90,15 @@ void gemm_slabs(int64_t N, int64_t K, const at::Tensor& x, at::Tensor& out, cons
       decode(n0, n0 + rows, dst);
       // Straight into the output's columns (a row-major view with leading dimension N, which the GEMM takes
       // as is): no temporary, no copy.
-      mm_over_halves_of_k(out.narrow(1, n0, rows), x, slab.narrow(0, 0, rows));
+      multiply(out.narrow(1, n0, rows), x, slab.narrow(0, 0, rows));
     }
   });
+}
+
+// The float linears' slab GEMM: out = x @ W.T in float32.
+template <typename Decode>
+void gemm_slabs(int64_t N, int64_t K, const at::Tensor& x, at::Tensor& out, const Decode& decode) {
+  gemm_slabs(N, K, x, out, decode, mm_over_halves_of_k);
 }
 
 }  // namespace lowbit

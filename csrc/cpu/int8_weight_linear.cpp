@@ -36,6 +36,10 @@ constexpr int64_t kMaxGemvRows = 16;
 // rows 576 x 576 0.96x / 1.26x, 4096 x 4096 2.22x / 2.01x. Against the slab path, AMX won on every shape tried,
 // down to 128 x 128 at 32 rows (0.77x / 0.51x).
 constexpr int64_t kMaxGemvRowsBeforeAmx = 8;
+// The portable GEMV (a dot product per row of x and weight row) hands over to the slab GEMM sooner: from 9 rows the
+// BLAS GEMM on widened slabs is the faster (measured 2026-12-05, Sapphire Rapids VM forced to the portable level,
+// MKL capped at SSE4.2; see BENCHMARKS.md), and being the BLAS it sums as accurately as the reference.
+constexpr int64_t kMaxPortableGemvRows = 8;
 
 // Rows [n0, n1) of the weight as float32, scales applied.
 void decode_rows(const int8_t* CB, const float* scale, int64_t K, int64_t n0, int64_t n1, float* dst) {
@@ -228,7 +232,7 @@ at::Tensor int8_weight_linear_cpu(const at::Tensor& x, const at::Tensor& CB, con
       panel_gemm_avx2(N, K, xp, M, out.data_ptr<float>(), Int8Decoder{cb, s, K});
     } else
 #endif
-    if (M > kMaxGemvRows) {
+    if (M > (cpu_isa() == CpuIsa::portable ? kMaxPortableGemvRows : kMaxGemvRows)) {
       gemm_slabs(N, K, x2, out, [&](int64_t n0, int64_t n1, float* dst) { decode_rows(cb, s, K, n0, n1, dst); });
 #if LOWBIT_X86
     } else if (use_avx512()) {

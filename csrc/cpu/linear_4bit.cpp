@@ -63,9 +63,26 @@ constexpr int64_t kRowTile = 16;
 // twice 40% slower than without), 4 KiB 0.70-0.74 / 2.21-2.27 (M = 16 unchanged).
 constexpr int64_t kPrefetchBytes = 4096;
 
-// Row n of the weight into dst[0, K). Works for any K: a row may start mid-byte and blocks may span rows.
+// Row n of the weight into dst[0, K). Works for any K: a row may start mid-byte and blocks may span rows. Where
+// rows hold whole blocks (K a multiple of the blocksize, the common case), each block first scales the 16 table
+// entries (the same rounded products as Weight4::value) and then every byte is two look-ups: the scalar decode per
+// weight (code extraction, product) took ~1.1 ns a weight on one thread, 9.5 ms for 4096 x 4096 on two (2026-12-05).
 void dequantize_row(const Weight4& w, int64_t n, float* dst) {
   const int64_t base = n * w.K;
+  if (w.K % w.blocksize == 0) {
+    const uint8_t* bytes = w.packed + base / 2;
+    const int64_t block_bytes = w.blocksize / 2;
+    for (int64_t b = 0; b < w.K / w.blocksize; ++b) {
+      const float s = w.scale(base / w.blocksize + b);
+      float scaled[16];
+      for (int c = 0; c < 16; ++c) scaled[c] = mul_rn(w.table[c], s);
+      for (int64_t j = b * block_bytes; j < (b + 1) * block_bytes; ++j) {
+        dst[2 * j] = scaled[bytes[j] >> 4];
+        dst[2 * j + 1] = scaled[bytes[j] & 0xF];
+      }
+    }
+    return;
+  }
   int64_t k = 0;
   while (k < w.K) {
     const int64_t block = (base + k) / w.blocksize;
