@@ -100,6 +100,39 @@ def test_the_pipeline_is_sequential_and_atomic(tiny_llama_factory, tiny_llama_di
     assert not any(isinstance(m, (Linear4bit, Linear8bit)) for m in odd.modules())
 
 
+@pytest.mark.parametrize("skip", [(), ("model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.k_proj",
+                                       "model.layers.0.self_attn.v_proj", "model.layers.0.self_attn.o_proj",
+                                       "model.layers.0.mlp.gate_proj", "model.layers.0.mlp.up_proj",
+                                       "model.layers.0.mlp.down_proj", "model.layers.1.mlp.up_proj")])  # fmt: skip
+def test_cached_block_inputs_give_what_whole_model_passes_give(tiny_llama_factory, monkeypatch, skip):
+    # The decoder stack runs block by block from cached inputs (the whole model once per calibration batch, to
+    # capture them); the result is bit for bit what running the whole model once per block gives, also when the
+    # first block has nothing to quantize (the chain starts at block 1) and a block is partly skipped. Three layers,
+    # two batches.
+    path = tiny_llama_factory(num_hidden_layers=3)
+    config = LowbitConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", quantizer="gptq")
+    batches = [IDS[:1], IDS[1:, :40]]
+    model = AutoModelForCausalLM.from_pretrained(path)
+    forwards = []
+    model.register_forward_pre_hook(lambda *args: forwards.append(1))
+    lowbit.quantize_model(model, config, calibration=batches, skip=skip)
+    assert len(forwards) == len(batches)
+    monkeypatch.setattr(lowbit.quantize, "_block_chain", lambda *args: None)
+    whole = lowbit.quantize_model(AutoModelForCausalLM.from_pretrained(path), config, calibration=batches, skip=skip)
+    ours, theirs = model.state_dict(), whole.state_dict()
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+def test_block_chain_declines_a_stack_whose_blocks_do_not_chain(tiny_llama_dir):
+    # Where something runs between two blocks, block 0's output is not block 1's input: the chain says so (and
+    # GPTQ then runs the whole model per block).
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    layers = model.model.layers
+    assert lowbit.calibrate.BlockChain.capture(model, layers, 0, IDS) is not None
+    layers[1].register_forward_pre_hook(lambda module, args: (args[0] * 2, *args[1:]))
+    assert lowbit.calibrate.BlockChain.capture(model, layers, 0, IDS) is None
+
+
 def test_gptq_needs_calibration_and_a_model_run(tiny_llama_dir):
     config = LowbitConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", quantizer="gptq")
     with pytest.raises(ValueError, match="pass calibration=<token ids>"):

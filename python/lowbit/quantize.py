@@ -8,7 +8,7 @@ from typing import Iterable
 import torch
 import torch.nn as nn
 
-from .calibrate import input_grams, input_second_moments
+from .calibrate import BlockChain, input_grams, input_second_moments
 from .config import LowbitConfig
 from .formats import named_errors
 from .schemes import SCHEMES, Scheme
@@ -66,27 +66,36 @@ def _first(names, shown: int = 3) -> str:
     return ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
 
 
-def _blocks_in_order(names: list[str]) -> list[list[str]]:
-    """The names grouped by the numbered block they sit in ("model.layers.3"), blocks in model order; a name
-    outside any numbered block is a group of its own."""
+def _blocks_in_order(names: list[str]) -> dict[str, list[str]]:
+    """The names grouped by the numbered block they sit in ("model.layers.3": [its names]), blocks in model order; a
+    name outside any numbered block is a group of its own, under its own name."""
     groups: dict[str, list[str]] = {}
     for name in names:
         match = re.match(r"(.*?\.\d+)\.", name)
         groups.setdefault(match.group(1) if match else name, []).append(name)
-    return list(groups.values())
+    return groups
 
 
 def _quantize_with_gptq(model: nn.Module, config: LowbitConfig, targets, calibration) -> nn.Module:
     """GPTQ, one block at a time: each block's layers are quantized from the inputs the blocks before them give
     once they are quantized (the paper's sequential pipeline), so each compensates the error upstream too. Within a
     block the layers see full-precision inputs (no "true-sequential" split: it would cost four forward passes per
-    block instead of one). One forward of the calibration data per block. All or nothing, as quantize_model."""
+    block instead of one). Where the blocks are one stack (a decoder's layers), each block runs from its cached
+    inputs (calibrate.BlockChain); otherwise the whole model runs once per block. All or nothing, as quantize_model."""
     by_name = {name: (linear, scheme) for name, linear, scheme in targets}
+    blocks = _blocks_in_order(list(by_name))
+    chain = _block_chain(model, list(blocks), calibration)
     swapped = []
     try:
-        for block in _blocks_in_order(list(by_name)):
-            hessians = input_grams(model, {name: by_name[name][0] for name in block}, calibration)
-            for name in block:
+        for position, (prefix, names) in enumerate(blocks.items()):
+            modules = {name: by_name[name][0] for name in names}
+            if chain is not None:
+                while chain.index < int(prefix.rpartition(".")[2]):  # blocks with nothing to quantize
+                    chain.advance()
+                hessians = chain.grams(modules)
+            else:
+                hessians = input_grams(model, modules, calibration)
+            for name in names:
                 linear, scheme = by_name[name]
                 hessian = hessians.pop(name)
                 # The activation-aware scale search weighs columns by their mean squared input: H's diagonal.
@@ -95,11 +104,25 @@ def _quantize_with_gptq(model: nn.Module, config: LowbitConfig, targets, calibra
                     layer = scheme.from_linear(linear, config, importance, hessian=hessian)
                 model.set_submodule(name, layer)
                 swapped.append((name, linear))
+            if chain is not None and position + 1 < len(blocks):
+                chain.advance()
     except BaseException:
         for name, linear in reversed(swapped):
             model.set_submodule(name, linear)
         raise
     return model
+
+
+def _block_chain(model: nn.Module, prefixes: list[str], calibration) -> "BlockChain | None":
+    """A BlockChain over the stack the blocks sit in, when every block is a numbered entry of one ModuleList (a
+    decoder's layers), starting at the first of them; else None."""
+    parents = {prefix.rpartition(".")[0] for prefix in prefixes}
+    if len(parents) != 1 or not all(prefix.rpartition(".")[2].isdigit() for prefix in prefixes):
+        return None
+    layers = model.get_submodule(parents.pop())
+    if not isinstance(layers, nn.ModuleList):
+        return None
+    return BlockChain.capture(model, layers, int(prefixes[0].rpartition(".")[2]), calibration)
 
 
 def replace_linears(model: nn.Module, config: LowbitConfig, skip: Iterable[str] = ()) -> list[str]:
