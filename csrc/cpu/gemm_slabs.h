@@ -1,7 +1,8 @@
 // The many-rows path of the CPU linears with a compressed weight where no kernel of their own multiplies
 // (the portable level: CPUs without AVX2, or LOWBIT_CPU_ISA=portable): out[:, slab] = x @ W[slab].T, with one slab
 // of weight rows decoded to float32 at a time and handed to the BLAS GEMM, so decoding is amortized over all
-// rows of x and the full-precision weight never exists at once.
+// rows of x and the full-precision weight never exists at once. LLM.int8()'s portable int8 product takes the same
+// slabs with a multiply of its own (exact K slices summed in int32, int8.cpp).
 #pragma once
 
 #include <ATen/ATen.h>
