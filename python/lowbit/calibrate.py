@@ -77,10 +77,14 @@ def input_second_moments(model: nn.Module, modules: Mapping[str, nn.Module], cal
 def input_grams(model: nn.Module, modules: Mapping[str, nn.Module], calibration) -> dict[str, torch.Tensor]:
     """As input_second_moments, the whole mean of xᵀx: [in_features, in_features] per module (GPTQ's Hessian, up
     to a factor)."""
-    return _input_means(model, modules, calibration, lambda x: x.T @ x, GPTQ_PURPOSE)
+    return _input_means(model, modules, calibration, _gram, GPTQ_PURPOSE)
 
 
 GPTQ_PURPOSE = "compensate their rounding error with"
+
+
+def _gram(x: torch.Tensor) -> torch.Tensor:
+    return x.T @ x
 
 
 def _input_means(model, modules, calibration, statistic, purpose: str) -> dict[str, torch.Tensor]:
@@ -130,8 +134,6 @@ class _InputStatistics:
 
 class _Stop(Exception):
     """Ends a calibration forward once the inputs it was run for are captured."""
-
-
 
 
 class BlockChain:
@@ -190,7 +192,7 @@ class BlockChain:
     @torch.no_grad()
     def grams(self, modules: Mapping[str, nn.Module]) -> dict[str, torch.Tensor]:
         """input_grams of the current block's `modules`, from the block's cached inputs."""
-        with _InputStatistics(modules, lambda x: x.T @ x) as stats:
+        with _InputStatistics(modules, _gram) as stats:
             self._outputs()
         return stats.means(GPTQ_PURPOSE)
 

@@ -90,7 +90,7 @@ def _quantize_with_gptq(model: nn.Module, config: LowbitConfig, targets, calibra
         for position, (prefix, names) in enumerate(blocks.items()):
             modules = {name: by_name[name][0] for name in names}
             if chain is not None:
-                while chain.index < int(prefix.rpartition(".")[2]):  # blocks with nothing to quantize
+                while chain.index < _block_number(prefix):  # blocks with nothing to quantize
                     chain.advance()
                 hessians = chain.grams(modules)
             else:
@@ -113,16 +113,22 @@ def _quantize_with_gptq(model: nn.Module, config: LowbitConfig, targets, calibra
     return model
 
 
+def _block_number(prefix: str):
+    """N of a block prefix "model.layers.N", or None for a prefix that is not a numbered entry."""
+    number = prefix.rpartition(".")[2]
+    return int(number) if number.isdigit() else None
+
+
 def _block_chain(model: nn.Module, prefixes: list[str], calibration) -> "BlockChain | None":
     """A BlockChain over the stack the blocks sit in, when every block is a numbered entry of one ModuleList (a
     decoder's layers), starting at the first of them; else None."""
     parents = {prefix.rpartition(".")[0] for prefix in prefixes}
-    if len(parents) != 1 or not all(prefix.rpartition(".")[2].isdigit() for prefix in prefixes):
+    if len(parents) != 1 or any(_block_number(prefix) is None for prefix in prefixes):
         return None
     layers = model.get_submodule(parents.pop())
     if not isinstance(layers, nn.ModuleList):
         return None
-    return BlockChain.capture(model, layers, int(prefixes[0].rpartition(".")[2]), calibration)
+    return BlockChain.capture(model, layers, _block_number(prefixes[0]), calibration)
 
 
 def replace_linears(model: nn.Module, config: LowbitConfig, skip: Iterable[str] = ()) -> list[str]:
