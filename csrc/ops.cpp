@@ -1,6 +1,6 @@
 // Every lowbit operator schema, in one place. Device kernels live in csrc/<device>/ and register
 // themselves with TORCH_LIBRARY_IMPL; the Meta kernels (what meta tensors and torch.compile's fake
-// tensors run) are in csrc/meta.cpp; autograd is in python/lowbit/ops.py.
+// tensors run) are in csrc/meta.cpp; autograd for the linear ops is in csrc/autograd.cpp.
 #include <torch/library.h>
 
 #include <string>

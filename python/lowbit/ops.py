@@ -1,6 +1,6 @@
-"""Typed wrappers over torch.ops.lowbit.*, their fake (shape-only) kernels for torch.compile and
-meta tensors, and autograd for the linear ops (gradients flow to the input and bias; quantized
-weights are frozen, as in QLoRA).
+"""Typed wrappers over torch.ops.lowbit.*, and the one fake (shape-only) kernel that needs Python.
+Autograd for the linear ops (gradients flow to the input and bias; quantized weights are frozen, as in
+QLoRA) is in csrc/autograd.cpp: a Python autograd kernel would cost every call, grad mode or not.
 
 Schemas live in csrc/ops.cpp; the native kernels validate their arguments (csrc/validate.cpp) and raise
 ValueError / TypeError naming the problem, so these wrappers only supply defaults and convenient types.
@@ -138,48 +138,3 @@ def _(A, threshold=0.0):
         A.new_empty((rows,), dtype=torch.float32),
         A.new_empty((n_outliers,), dtype=torch.int64),
     )
-
-
-# -- autograd ----------------------------------------------------------------------------------
-# d(x @ W.T + b)/dx = grad @ W with W dequantized on the fly; the weight itself gets no gradient.
-
-
-def _grad_input_and_bias(ctx, grad, weight: torch.Tensor):
-    grad_x = grad @ weight.to(grad.dtype) if ctx.needs_input_grad[0] else None
-    grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.bias_needs_grad else None
-    return grad_x, grad_bias
-
-
-def _setup_linear_4bit(ctx, inputs, output):
-    x, packed, absmax, blocksize, quant_type, shape, bias, *nested_args = inputs
-    nested = NestedState.from_op_args(*nested_args)
-    ctx.save_for_backward(packed, absmax if nested is None else nested.decode(absmax))
-    ctx.meta = (blocksize, quant_type, shape)
-    ctx.bias_needs_grad = bias is not None and bias.requires_grad
-
-
-def _backward_linear_4bit(ctx, grad):
-    packed, scales = ctx.saved_tensors
-    blocksize, quant_type, shape = ctx.meta
-    grad_x, grad_bias = _grad_input_and_bias(ctx, grad, dequantize_4bit(packed, scales, blocksize, quant_type, shape))
-    return grad_x, None, None, None, None, None, grad_bias, None, None, None, None
-
-
-torch.library.register_autograd("lowbit::linear_4bit", _backward_linear_4bit, setup_context=_setup_linear_4bit)
-
-
-def _setup_int8_weight(ctx, inputs, output):
-    x, CB, SCB, *options, bias = inputs  # int8_linear has a threshold between SCB and bias
-    ctx.save_for_backward(CB, SCB)
-    ctx.options = len(options)
-    ctx.bias_needs_grad = bias is not None and bias.requires_grad
-
-
-def _backward_int8_weight(ctx, grad):
-    CB, SCB = ctx.saved_tensors
-    grad_x, grad_bias = _grad_input_and_bias(ctx, grad, CB.float() * (SCB / 127.0).unsqueeze(1))
-    return grad_x, None, None, *(None,) * ctx.options, grad_bias
-
-
-for _op in ("int8_linear", "int8_weight_linear"):
-    torch.library.register_autograd(f"lowbit::{_op}", _backward_int8_weight, setup_context=_setup_int8_weight)
