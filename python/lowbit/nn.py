@@ -115,9 +115,9 @@ class QuantizedLinear(nn.Module):
             raise ValueError("cannot quantize a weight on the meta device (it has no values)")
 
     def _check_holds_weight(self) -> None:
-        # torch.func's jvp (forward-mode AD) through the custom ops gives a zero tangent, and its grad fails with
-        # torch's "must override setup_context" (a torch limitation of ops with register_autograd): refuse both by
-        # name. vmap works (torch's per-sample fallback). Skipped under torch.compile, which does not trace it.
+        # torch.func's jvp and grad cannot run the custom ops' C++ autograd (csrc/autograd.cpp; torch refuses
+        # "C++ torch::autograd::Function with functorch transforms"): refuse both by the layer's name first.
+        # vmap works (torch's per-sample fallback). Skipped under torch.compile, which does not trace it.
         if not torch.compiler.is_compiling() and torch._C._functorch.peek_interpreter_stack() is not None:
             from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
 
