@@ -141,14 +141,31 @@ class QuantizedLinear(nn.Module):
         here = self.weight.device
         return t if here.type == "meta" else t.to(here)
 
+    def _load_state(self, name: str, t: torch.Tensor) -> None:
+        """Set a quantized-state tensor from a checkpoint. State that lowbit.fsdp made a (maybe sharded)
+        parameter keeps its object, which FSDP manages, and takes the values in place."""
+        held = self._parameters.get(name)
+        if held is None:
+            setattr(self, name, self._place(t))
+            return
+        if held.shape != t.shape or held.dtype != t.dtype:
+            raise ValueError(f"checkpoint '{name}' is {t.dtype} {list(t.shape)}, but this layer, prepared for FSDP "
+                             f"(lowbit.fsdp), holds {held.dtype} {list(held.shape)}: load it before prepare_fsdp")  # fmt: skip
+        with torch.no_grad():
+            held.copy_(t)
+
     def _apply(self, fn, recurse=True):
-        kept = {name: self._buffers[name] for name in self._format_buffers if self._buffers.get(name) is not None}
+        # (Prepared for FSDP, some of this state is frozen parameters instead: lowbit.fsdp.)
+        state = {**self._buffers, **self._parameters}
+        kept = {name: state[name] for name in self._format_buffers if state.get(name) is not None}
         super()._apply(fn, recurse)
         for name, before in kept.items():
-            after = self._buffers[name]
+            slots = self._parameters if name in self._parameters else self._buffers
+            after = slots[name]
             if after.dtype != before.dtype:  # a dtype cast: undo it from the untouched original
-                self._buffers[name] = before.to(after.device)
-        if any(self._buffers[name].device.type == "meta" for name in kept):
+                restored = before.to(after.device)
+                slots[name] = nn.Parameter(restored, requires_grad=False) if slots is self._parameters else restored
+        if any({**self._buffers, **self._parameters}[name].device.type == "meta" for name in kept):
             # Moved to meta, the values are gone: a later to_empty() gives uninitialised memory, not this weight.
             self.holds_weight = False
         return self
@@ -175,6 +192,21 @@ class QuantizedLinear(nn.Module):
         elif bias is not None:
             unexpected_keys.append(prefix + "bias")
         unexpected_keys.extend(prefix + k for k in ours if k != "weight" and k not in self.checkpoint_keys)
+
+    def _fqn_modifiers(self) -> dict[str, str]:
+        # torch.distributed.checkpoint resolves each state_dict key attribute by attribute (`weight.absmax` as
+        # layer.weight.absmax), and bitsandbytes' names under `weight.` are no attributes of a tensor. Its hook
+        # for keys that are not attribute paths (StateDictOptions.dsd_fqn_modifiers) walks `weight` through an
+        # object that has every name instead.
+        return {"weight": "_checkpoint_names"}
+
+    class _AnyName:
+        def __getattr__(self, name: str):
+            if name.startswith("_"):  # not a checkpoint name (the walk probes for hooks such as _fqn_modifiers)
+                raise AttributeError(name)
+            return self
+
+    _checkpoint_names = _AnyName()
 
     @classmethod
     def layout_problem(cls, keys: set[str]) -> Optional[str]:
@@ -351,8 +383,8 @@ class Linear4bit(QuantizedLinear):
         check_packed(packed, state.numel)
         self.quant_type, self.blocksize, self.weight_dtype = state.quant_type, state.blocksize, state.dtype
         self.quant_storage = packed.dtype
-        self.weight = self._place(packed)
-        self.absmax = self._place(state.absmax)
+        self._load_state("weight", packed)
+        self._load_state("absmax", state.absmax)
         self.quant_map = self._place(state.code)
         self.double_quant = state.nested is not None
         if state.nested is not None:
@@ -488,8 +520,8 @@ class Linear8bit(QuantizedLinear):
             raise ValueError(f"'SCB' must be float32 [{self.out_features}], got {scb.dtype} {list(scb.shape)}")
         if scb.device.type != "meta" and not (torch.isfinite(scb) & (scb >= 0)).all():
             raise ValueError("'SCB' holds NaN, Inf or negative row scales (corrupt checkpoint)")
-        self.weight = self._place(cb)
-        self.SCB = self._place(scb)
+        self._load_state("weight", cb)
+        self._load_state("SCB", scb)
         self.holds_weight = True
 
     @classmethod
