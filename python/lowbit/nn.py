@@ -141,23 +141,34 @@ class QuantizedLinear(nn.Module):
         here = self.weight.device
         return t if here.type == "meta" else t.to(here)
 
+    def _check_fits_prepared_state(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        """State that lowbit.fsdp made parameters is filled in place (FSDP manages those objects), so a checkpoint
+        must match it in shape and dtype; checked before a load changes anything."""
+        for name, t in tensors.items():
+            held = self._parameters.get(name)
+            if held is not None and (held.shape != t.shape or held.dtype != t.dtype):
+                raise ValueError(f"checkpoint '{name}' is {t.dtype} {list(t.shape)}, but this layer, prepared for FSDP "
+                                 f"(lowbit.fsdp), holds {held.dtype} {list(held.shape)}: load it before prepare_fsdp")  # fmt: skip
+
     def _load_state(self, name: str, t: torch.Tensor) -> None:
-        """Set a quantized-state tensor from a checkpoint. State that lowbit.fsdp made a (maybe sharded)
-        parameter keeps its object, which FSDP manages, and takes the values in place."""
+        """Set a quantized-state tensor from a checkpoint (after _check_fits_prepared_state): a buffer follows
+        the layer's device; a prepared (maybe sharded) parameter keeps its object and takes the values."""
         held = self._parameters.get(name)
         if held is None:
             setattr(self, name, self._place(t))
             return
-        if held.shape != t.shape or held.dtype != t.dtype:
-            raise ValueError(f"checkpoint '{name}' is {t.dtype} {list(t.shape)}, but this layer, prepared for FSDP "
-                             f"(lowbit.fsdp), holds {held.dtype} {list(held.shape)}: load it before prepare_fsdp")  # fmt: skip
+        if _is_dtensor(held):  # sharded by FSDP2: this rank keeps its shard of the (whole, checked) tensor
+            from torch.distributed.tensor import distribute_tensor
+
+            t = distribute_tensor(t.to(held.device), held.device_mesh, held.placements, src_data_rank=None)
         with torch.no_grad():
             held.copy_(t)
 
     def _apply(self, fn, recurse=True):
         # (Prepared for FSDP, some of this state is frozen parameters instead: lowbit.fsdp.)
         state = {**self._buffers, **self._parameters}
-        kept = {name: state[name] for name in self._format_buffers if state.get(name) is not None}
+        # (detached: a parameter's dtype cast may be applied to the same object, as `param.data = ...`)
+        kept = {name: state[name].detach() for name in self._format_buffers if state.get(name) is not None}
         super()._apply(fn, recurse)
         for name, before in kept.items():
             slots = self._parameters if name in self._parameters else self._buffers
@@ -172,7 +183,9 @@ class QuantizedLinear(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):  # fmt: skip
-        ours = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+        # Shards (a sharded checkpoint loaded under FSDP2) are checked whole: one layer's state at a time.
+        ours = {k[len(prefix):]: v.full_tensor() if _is_dtensor(v) else v
+                for k, v in state_dict.items() if k.startswith(prefix)}  # fmt: skip
         bias = ours.pop("bias", None)
         if "weight" in ours:
             with named_errors(prefix[:-1] or type(self).__name__):  # the message is about one layer of many
@@ -195,10 +208,10 @@ class QuantizedLinear(nn.Module):
 
     def _fqn_modifiers(self) -> dict[str, str]:
         # torch.distributed.checkpoint resolves each state_dict key attribute by attribute (`weight.absmax` as
-        # layer.weight.absmax), and bitsandbytes' names under `weight.` are no attributes of a tensor. Its hook
-        # for keys that are not attribute paths (StateDictOptions.dsd_fqn_modifiers) walks `weight` through an
-        # object that has every name instead.
-        return {"weight": "_checkpoint_names"}
+        # layer.weight.absmax), and bitsandbytes' names (`weight.absmax`, `weight_format`) are no attributes.
+        # Its hook for keys that are not attribute paths (StateDictOptions.dsd_fqn_modifiers) walks them
+        # through an object that has every name instead.
+        return {key.split(".")[0]: "_checkpoint_names" for key in ("weight", *self.checkpoint_keys)}
 
     class _AnyName:
         def __getattr__(self, name: str):
@@ -227,6 +240,10 @@ class QuantizedLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"{self._options_repr()}, {module_nbytes(self) / 2**10:.1f} KiB")
+
+
+def _is_dtensor(t: torch.Tensor) -> bool:
+    return hasattr(t, "full_tensor")  # torch.distributed.tensor.DTensor, without importing torch.distributed
 
 
 def _check_float_dtype(dtype, what: str) -> None:
@@ -381,6 +398,7 @@ class Linear4bit(QuantizedLinear):
                              f"[{self.out_features}, {self.in_features}]")  # fmt: skip
         packed = tensors["weight"]
         check_packed(packed, state.numel)
+        self._check_fits_prepared_state({"weight": packed, "absmax": state.absmax})
         self.quant_type, self.blocksize, self.weight_dtype = state.quant_type, state.blocksize, state.dtype
         self.quant_storage = packed.dtype
         self._load_state("weight", packed)
@@ -520,6 +538,7 @@ class Linear8bit(QuantizedLinear):
             raise ValueError(f"'SCB' must be float32 [{self.out_features}], got {scb.dtype} {list(scb.shape)}")
         if scb.device.type != "meta" and not (torch.isfinite(scb) & (scb >= 0)).all():
             raise ValueError("'SCB' holds NaN, Inf or negative row scales (corrupt checkpoint)")
+        self._check_fits_prepared_state({"weight": cb, "SCB": scb})
         self._load_state("weight", cb)
         self._load_state("SCB", scb)
         self.holds_weight = True
