@@ -99,6 +99,63 @@ def test_activation_checkpointing_under_fsdp(distributed):
     torch.testing.assert_close(results["checkpointing_losses"], results["nf4"]["losses_one_process"], rtol=1e-6, atol=0)
 
 
+# -- the launchers people use: the transformers Trainer under torchrun, and accelerate launch --------------
+
+ACCELERATE_FSDP2_CONFIG = """\
+compute_environment: LOCAL_MACHINE
+distributed_type: FSDP
+num_machines: 1
+num_processes: 2
+use_cpu: true
+mixed_precision: 'no'
+main_process_port: {port}
+fsdp_config:
+  fsdp_version: 2
+  fsdp_auto_wrap_policy: TRANSFORMER_BASED_WRAP
+  fsdp_transformer_layer_cls_to_wrap: LlamaDecoderLayer
+  fsdp_state_dict_type: FULL_STATE_DICT
+  fsdp_cpu_ram_efficient_loading: false
+"""
+
+
+def _launch(command, out, mode):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    run = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+    assert run.returncode == 0, f"{mode} run failed:\n{run.stdout[-3000:]}\n{run.stderr[-6000:]}"
+    return json.loads((out / f"{mode}.json").read_text())
+
+
+def _free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+LAUNCH_WORKER = Path(__file__).with_name("fsdp_launch_worker.py")
+
+
+def test_trainer_with_fsdp2_arguments_shards_the_quantized_state(tiny_llama_dir, tmp_path):
+    r = _launch([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                 str(LAUNCH_WORKER), "trainer", str(tiny_llama_dir), str(tmp_path)], tmp_path, "trainer")  # fmt: skip
+    assert r["sharded_by"].startswith("FSDP")
+    assert r["bytes_per_rank"] <= 0.51 * r["bytes_one_process"]
+    assert len(r["losses"]) == 4 and all(0 < loss < 10 for loss in r["losses"])
+    assert (tmp_path / "adapters" / "adapter_model.safetensors").exists()
+
+
+def test_accelerate_launch_with_an_fsdp2_config_prepares_on_load(tiny_llama_dir, tmp_path):
+    config = tmp_path / "fsdp2.yaml"
+    config.write_text(ACCELERATE_FSDP2_CONFIG.format(port=_free_port()))
+    r = _launch([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
+                 str(LAUNCH_WORKER), "accelerate", str(tiny_llama_dir), str(tmp_path)], tmp_path, "accelerate")  # fmt: skip
+    assert r["prepared_on_load"], "from_pretrained under accelerate launch (FSDP2) did not prepare the layers"
+    assert r["sharded_by"].startswith("FSDP")
+    assert r["bytes_per_rank"] <= 0.51 * r["bytes_one_process"]
+    assert all(0 < loss < 10 for loss in r["losses"]) and r["full_state_plain"]
+
+
 # -- prepare_fsdp in one process ----------------------------------------------------------------------
 
 

@@ -15,6 +15,7 @@ from . import fallback, ops, reference  # noqa: E402, F401  (fallback registers 
 from .config import BitsAndBytesConfig, LowbitConfig  # noqa: E402
 from .nn import Linear4bit, Linear8bit  # noqa: E402
 from .quantize import quantize_model, replace_linears  # noqa: E402
+from .fsdp import prepare_fsdp  # noqa: E402
 from .integrations.transformers import bnb_checkpoint_config, register as _register_with_transformers  # noqa: E402
 from .integrations.export import export_bitsandbytes  # noqa: E402
 from .integrations.peft import install_on_import as _connect_peft_when_imported  # noqa: E402
@@ -38,6 +39,7 @@ __all__ = [
     "compare",
     "export_bitsandbytes",
     "ops",
+    "prepare_fsdp",
     "quantize_model",
     "reference",
     "replace_linears",

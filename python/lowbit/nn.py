@@ -1,7 +1,8 @@
 """Quantized drop-in replacements for nn.Linear: Linear8bit (LLM.int8()) and Linear4bit (NF4/FP4).
 
-Quantized weights and their float32 scales are buffers, never Parameters, so optimizers and adapters
-(peft) leave them alone; the bias stays a Parameter. The packed 4-bit bytes may be stored as a float
+Quantized weights and their float32 scales are buffers, not Parameters, so optimizers and adapters
+(peft) leave them alone; the bias stays a Parameter. (lowbit.fsdp.prepare_fsdp makes the bulk of them frozen
+Parameters, the only kind FSDP2 shards.) The packed 4-bit bytes may be stored as a float
 dtype (quant_storage, for FSDP): a view of the same bytes, never a cast. state_dict keys and tensors
 are those bitsandbytes writes, so checkpoints load both ways."""
 
@@ -254,6 +255,13 @@ def _check_float_dtype(dtype, what: str) -> None:
 def quantized_weight_count(module: nn.Module) -> int:
     """Values held by the quantized weights of the lowbit layers in `module` (buffers, so not in parameters())."""
     return sum(m.in_features * m.out_features for m in module.modules() if isinstance(m, QuantizedLinear))
+
+
+def quantized_state_parameters(module: nn.Module) -> list[torch.Tensor]:
+    """The lowbit layers' quantized state that lowbit.fsdp registered as (frozen) parameters: parameter counts
+    leave them out and count quantized_weight_count instead."""
+    return [t for m in module.modules() if isinstance(m, QuantizedLinear)
+            for name, t in m._parameters.items() if name != "bias" and t is not None]  # fmt: skip
 
 
 def module_nbytes(module: nn.Module) -> int:

@@ -26,7 +26,7 @@ import warnings
 from _lowbit_autoload import after_import  # the post-import hook installed beside lowbit (site-packages)
 from packaging.specifiers import SpecifierSet
 
-from ..nn import QuantizedLinear, quantized_weight_count
+from ..nn import QuantizedLinear, quantized_state_parameters, quantized_weight_count
 
 SUPPORTED_PEFT = SpecifierSet(">=0.19,<0.22")
 
@@ -99,7 +99,8 @@ def _count_quantized_weights(peft_model_class) -> None:
 
     def count_with_quantized_weights(self):
         trainable, total = count(self)
-        return trainable, total + quantized_weight_count(self)
+        prepared = sum(p.numel() for p in quantized_state_parameters(self))  # (counted by peft as bytes)
+        return trainable, total - prepared + quantized_weight_count(self)
 
     peft_model_class.get_nb_trainable_parameters = count_with_quantized_weights
 

@@ -30,7 +30,8 @@ from transformers.quantizers import auto as _auto
 
 from ..config import LowbitConfig
 from ..formats import QUANT_STATE_GROUP
-from ..nn import quantized_weight_count
+from ..fsdp import prepare_fsdp
+from ..nn import quantized_state_parameters, quantized_weight_count
 from ..quantize import kept_in_full_precision, replace_linears
 from ..schemes import LAYERS
 
@@ -138,6 +139,8 @@ class LowbitHfQuantizer(HfQuantizer):
         model.is_loaded_in_8bit = 8 in bits
         model.is_loaded_in_4bit = 4 in bits
         _count_lowbit_weights_in_num_parameters(type(model))
+        if launched_for_fsdp2():
+            prepare_fsdp(model)
         return model
 
     def param_needs_quantization(self, model, param_name: str, **kwargs) -> bool:
@@ -177,6 +180,15 @@ class LowbitHfQuantizer(HfQuantizer):
         return model
 
 
+def launched_for_fsdp2() -> bool:
+    """Whether this process was started by `accelerate launch` with an FSDP2 config (it sets these variables): a
+    model loaded there is prepared for FSDP2 (lowbit.fsdp) as it loads, so the quantized state is sharded when
+    accelerate calls fully_shard. Other launchers (torchrun with the Trainer's `fsdp` arguments, or a script
+    calling fully_shard) call lowbit.prepare_fsdp(model) themselves."""
+    return (os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true", "yes")
+            and os.environ.get("FSDP_VERSION") == "2")  # fmt: skip
+
+
 def _count_lowbit_weights_in_num_parameters(model_class: type) -> None:
     """transformers' own `num_parameters` imports bitsandbytes for any model flagged 4-bit (the Trainer calls it
     every step), and would miss lowbit's weights, which are buffers: where the model holds lowbit layers, count
@@ -200,7 +212,8 @@ def _count_lowbit_weights_in_num_parameters(model_class: type) -> None:
 def _num_parameters(model, only_trainable: bool = False, exclude_embeddings: bool = False) -> int:
     """`PreTrainedModel.num_parameters` counting each lowbit layer's quantized weight as the values it stores."""
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)} if exclude_embeddings else set()
-    counted = [p for p in model.parameters() if (p.requires_grad or not only_trainable) and id(p) not in embeddings]
+    left_out = embeddings | {id(p) for p in quantized_state_parameters(model)}  # prepared for FSDP: counted below
+    counted = [p for p in model.parameters() if (p.requires_grad or not only_trainable) and id(p) not in left_out]
     return sum(p.numel() for p in counted) + (0 if only_trainable else quantized_weight_count(model))
 
 
