@@ -156,6 +156,38 @@ def test_accelerate_launch_with_an_fsdp2_config_prepares_on_load(tiny_llama_dir,
     assert all(0 < loss < 10 for loss in r["losses"]) and r["full_state_plain"]
 
 
+def test_accelerate_fsdp2_environment_prepares_on_load_and_refuses_ram_efficient_loading(tiny_llama_dir, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_VERSION", "2")
+    config = lowbit.LowbitConfig(load_in_8bit=True)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, quantization_config=config)
+    layers = [m for m in model.modules() if isinstance(m, Linear8bit)]
+    assert layers and all(is_prepared(m) for m in layers)
+    monkeypatch.setenv("FSDP_CPU_RAM_EFFICIENT_LOADING", "true")
+    with pytest.raises(ValueError, match="does not support FSDP's cpu_ram_efficient_loading"):
+        AutoModelForCausalLM.from_pretrained(tiny_llama_dir, quantization_config=config)
+    monkeypatch.setenv("FSDP_VERSION", "1")  # FSDP1 flattens parameters: lowbit layers stay as they are there
+    monkeypatch.setenv("FSDP_CPU_RAM_EFFICIENT_LOADING", "false")
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, quantization_config=config)
+    assert not any(is_prepared(m) for m in model.modules() if isinstance(m, Linear8bit))
+
+
+def test_fsdp_qlora_example_on_the_built_in_model():
+    """examples/fsdp_qlora.py as written (2 spawned ranks, the built-in SmolLM2-135M), a few steps."""
+    example = Path(__file__).parents[1] / "examples" / "fsdp_qlora.py"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    run = subprocess.run([sys.executable, str(example), "--steps", "3", "--seq-len", "64", "--json"],
+                         capture_output=True, text=True, timeout=600, env=env)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-6000:]
+    ranks = json.loads(run.stdout.strip().splitlines()[-1])
+    assert len(ranks) == 2
+    for r in ranks:
+        assert r["quantized_bytes_per_rank"] <= 0.501 * r["quantized_bytes_one_process"]
+        assert len(r["losses"]) == 3 and all(0 < loss < 20 for loss in r["losses"])
+
+
 # -- prepare_fsdp in one process ----------------------------------------------------------------------
 
 

@@ -104,6 +104,14 @@ class LowbitHfQuantizer(HfQuantizer):
                 "lowbit layers cannot be offloaded to disk: the device_map places "
                 f"{sorted(k for k, v in device_map.items() if v == 'disk')} on 'disk'"
             )
+        if launched_for_fsdp2() and os.environ.get("FSDP_CPU_RAM_EFFICIENT_LOADING", "").lower() in ("1", "true"):
+            # accelerate would move the sharded model to meta and refill it from rank 0's state dict by position,
+            # which needs every rank's state dict to list the same keys in the same order as a loaded one.
+            raise ValueError(
+                "lowbit does not support FSDP's cpu_ram_efficient_loading (accelerate skips it for bitsandbytes "
+                "models too): set fsdp_cpu_ram_efficient_loading: false in the accelerate config (each rank then "
+                "loads and quantizes the checkpoint; FSDP2 shards the quantized state when it wraps the model)"
+            )
 
     def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
         if not self.pre_quantized and self.quantization_config.quantizer == "gptq":
