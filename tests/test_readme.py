@@ -36,7 +36,8 @@ def run_section(section: str, model_dir, workdir, monkeypatch) -> dict:
 
 
 TESTED_SECTIONS = {"Use it from transformers", "Use it without transformers", "Better 4-bit at the same size",
-                   "Fine-tune with LoRA", "Serve elsewhere", "Accuracy report", "Accuracy budgets in your own tests"}
+                   "Fine-tune with LoRA", "Several GPUs: FSDP2", "Serve elsewhere", "Accuracy report",
+                   "Accuracy budgets in your own tests"}  # fmt: skip
 
 
 def test_every_python_snippet_is_run_by_a_test():
@@ -49,6 +50,27 @@ def test_use_it_from_transformers(tiny_llama_dir, tmp_path, monkeypatch):
     ns = run_section("Use it from transformers", tiny_llama_dir, tmp_path, monkeypatch)
     assert isinstance(ns["again"].model.layers[0].mlp.down_proj, lowbit.Linear8bit)
     assert isinstance(ns["model"].model.layers[0].mlp.down_proj, lowbit.Linear8bit)  # the bitsandbytes checkpoint
+
+
+def test_several_gpus_fsdp2(tiny_llama_dir, tmp_path, monkeypatch):
+    import torch.distributed as dist
+
+    import lowbit
+    from lowbit.fsdp import is_prepared
+
+    # The snippet runs inside a launched process; here, a process group of one.
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        ns = run_section("Several GPUs: FSDP2", tiny_llama_dir, tmp_path, monkeypatch)
+        model = ns["model"]
+        layers = [m for m in model.modules() if isinstance(m, lowbit.Linear4bit)]
+        assert layers and all(is_prepared(m) and hasattr(m.weight, "to_local") for m in layers)  # sharded by FSDP2
+        ids = torch.randint(0, 256, (1, 8))
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        assert torch.isfinite(loss)
+    finally:
+        dist.destroy_process_group()
 
 
 def test_use_it_without_transformers(tiny_llama_dir, tmp_path, monkeypatch):
