@@ -76,13 +76,27 @@ def test_gathered_state_dict_reloads_in_one_process(distributed, tiny_llama_dir)
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, quantization_config=lowbit.LowbitConfig(load_in_4bit=True))
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, quantization_config=lowbit.LowbitConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4"))
     model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", lora_dropout=0.0))
     model.load_state_dict(torch.load(out / "nf4_full_state.pt"))
     ids = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(99))
     with torch.no_grad():
         logits = model(input_ids=ids).logits
     torch.testing.assert_close(logits, torch.tensor(results["nf4"]["logits_after"]), rtol=0, atol=0)
+
+    # The base model after training exports to bitsandbytes' format, and bitsandbytes loads it (where installed).
+    bnb = pytest.importorskip("bitsandbytes")
+    lowbit.export_bitsandbytes(model.unload(), out / "bnb")
+    reloaded = AutoModelForCausalLM.from_pretrained(out / "bnb")
+    assert reloaded.config.quantization_config.quant_method == "bitsandbytes"
+    assert any(isinstance(m, bnb.nn.Linear4bit) for m in reloaded.modules())
+    fresh = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, quantization_config=lowbit.LowbitConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4"))
+    lowbit.export_bitsandbytes(fresh, out / "bnb-fresh")  # what one process exports without any training
+    from safetensors.torch import load_file
+
+    trained, untouched = load_file(out / "bnb" / "model.safetensors"), load_file(out / "bnb-fresh" / "model.safetensors")
+    assert trained.keys() == untouched.keys()
+    assert all(torch.equal(trained[k].view(-1).view(torch.uint8), untouched[k].view(-1).view(torch.uint8)) for k in trained)
 
 
 def test_mixed_precision_does_not_cast_the_quantized_state(distributed):
