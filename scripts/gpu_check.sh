@@ -8,7 +8,10 @@
 #      kernel runs even after a failure); graph capture, torch.compile and model loading need the cache and are
 #      deselected there. Then a short racecheck pass on small cases (shared memory races). Some machines refuse
 #      the sanitizer: the log says so; a timeout fails the step and the log shows how far it got;
-#   4. benchmarks/bench_cuda.py (bench_cuda.json).
+#   4. benchmarks/bench_cuda.py (bench_cuda.json);
+#   5. QLoRA under FSDP2 on the GPU (NCCL, one rank: the machine has one GPU): examples/fsdp_qlora.py, 10 steps, on
+#      a random 4-layer Llama with Llama-3-8B's layer shapes (the built-in model's GGUF is not on that machine)
+#      (fsdp_qlora.json: bytes held, peak GPU memory, step time).
 # Budget: about 8 minutes on an H200 machine, so a 15-minute lease leaves room for one rerun.
 #   locally: OUT=/tmp/gpu bash scripts/gpu_check.sh     (without a GPU the build fails or the CUDA tests skip)
 set -uo pipefail
@@ -36,4 +39,7 @@ step memcheck env PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout 180 compute-sanitizer
 step racecheck env PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout 90 compute-sanitizer --tool racecheck --error-exitcode 1 \
   python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py -k "misaligned or linear_4bit_cuda_paths"
 step bench python3 benchmarks/bench_cuda.py --out "$OUT"
+step fsdp sh -c "python3 scripts/random_llama.py /tmp/llama-8b-shaped --layers 4 --hidden 4096 --intermediate 14336 \
+  --heads 32 --kv-heads 8 && torchrun --standalone --nproc-per-node 1 examples/fsdp_qlora.py --model /tmp/llama-8b-shaped \
+  --steps 10 --json >'$OUT/fsdp_qlora.json'"
 exit $status

@@ -4,9 +4,23 @@ No model hub is reachable, so every checkpoint the tests load is built here from
 with seeded random weights and saved to a temporary directory.
 """
 
+import importlib.util
+from pathlib import Path
+
 import pytest
 import torch
 from helpers import DEVICES, LOWER_CPU_LEVELS, force_cpu_isa
+
+
+def _load_script(name: str):
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).parents[1] / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# The tiny models are built by the same script the GPU check uses (no model hub is reachable anywhere).
+save_random_llama = _load_script("random_llama").save_random_llama
 
 
 @pytest.fixture(params=DEVICES)
@@ -35,50 +49,20 @@ TINY_LLAMA_SHAPES = {
 }
 
 
-def _byte_level_tokenizer():
-    """A byte-level tokenizer with no merges: 256 byte tokens plus <s> and </s>.
-
-    Every string round-trips, so the seed script's prompt works, and nothing is downloaded.
-    """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {symbol: i for i, symbol in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
-    vocab["<s>"] = len(vocab)
-    vocab["</s>"] = len(vocab)
-    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>")
-
-
 @pytest.fixture(scope="session")
 def tiny_llama_factory(tmp_path_factory):
     """`make(shape="aligned", tie_word_embeddings=False, num_hidden_layers=2) -> Path`: a saved tiny Llama,
     built once per session per argument set."""
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("transformers")
     built = {}
 
     def make(shape="aligned", tie_word_embeddings=False, num_hidden_layers=2):
         key = (shape, tie_word_embeddings, num_hidden_layers)
         if key not in built:
-            tokenizer = _byte_level_tokenizer()
-            config = transformers.LlamaConfig(
-                vocab_size=len(tokenizer),
-                num_hidden_layers=num_hidden_layers,
-                max_position_embeddings=256,
-                tie_word_embeddings=tie_word_embeddings,
-                bos_token_id=tokenizer.bos_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-                pad_token_id=tokenizer.eos_token_id,
-                **TINY_LLAMA_SHAPES[shape],
-            )
-            torch.manual_seed(0)
-            model = transformers.LlamaForCausalLM(config)
             tied = "-tied" if tie_word_embeddings else ""
             path = tmp_path_factory.mktemp(f"tiny-llama-{shape}-{num_hidden_layers}l{tied}")
-            model.save_pretrained(path)
-            tokenizer.save_pretrained(path)
+            save_random_llama(path, num_hidden_layers=num_hidden_layers, max_position_embeddings=256,
+                              tie_word_embeddings=tie_word_embeddings, **TINY_LLAMA_SHAPES[shape])  # fmt: skip
             built[key] = path
         return built[key]
 
