@@ -34,7 +34,7 @@ SCHEMES = {
     "int8": dict(load_in_8bit=True),
     "int8-wo": dict(load_in_8bit=True, llm_int8_weight_only=True),
 }
-STEPS = 12  # LoRA steps; a DCP checkpoint is written after STEPS // 2 and resumed from
+STEPS = 20  # LoRA steps; a DCP checkpoint is written after STEPS // 2 and resumed from
 
 
 def load(model_dir, scheme, lora_seed=1, checkpointing=False):

@@ -2,13 +2,14 @@
 interoperate, and layer outputs must agree within what the two algorithms' differences allow."""
 
 import json
+import math
 
 import pytest
 import torch
 from helpers import DTYPES, QUANT_TYPES
 
 from lowbit import Linear4bit, Linear8bit, ops
-from lowbit.formats import dynamic_map
+from lowbit.formats import dynamic_map, nested_offset
 
 bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes is the format oracle; install lowbit[test]")
 F = pytest.importorskip("bitsandbytes.functional")
@@ -32,6 +33,15 @@ def test_dynamic_map_matches_bitsandbytes():
     assert torch.equal(dynamic_map(), F.create_dynamic_map(signed=True))
 
 
+def _offsets_agree(ours: float, theirs: float, absmax: torch.Tensor) -> bool:
+    """lowbit's nested offset is the exact mean of the block scales rounded to float32 (formats.nested_offset);
+    bitsandbytes' is ATen's float32 mean, whose summation order (so its last bits) follows the device and the
+    thread count: within that summation's error bound, log2(n) roundings of the running sum, of the exact mean."""
+    exact = math.fsum(absmax.double().tolist()) / absmax.numel()
+    assert ours == torch.tensor(exact, dtype=torch.float32).item()
+    return abs(theirs - exact) <= (math.log2(absmax.numel()) + 1) * 2**-24 * abs(exact) + 2**-149
+
+
 @pytest.mark.parametrize("quant_type", QUANT_TYPES)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_double_quant_state_matches_bitsandbytes(quant_type, dtype):
@@ -43,30 +53,53 @@ def test_double_quant_state_matches_bitsandbytes(quant_type, dtype):
     theirs = {"weight." + k: v for k, v in state.as_dict(packed=True).items()} | {"weight": packed}
     ours = layer.state_dict()
     assert ours.keys() == theirs.keys()
-    for key in ours.keys() - {"weight.absmax"}:
+    json_key = f"weight.quant_state.bitsandbytes__{quant_type}"
+    for key in ours.keys() - {"weight.absmax", "weight.nested_absmax", json_key}:
         assert torch.equal(ours[key], theirs[key]), key
+    ours_json, theirs_json = (json.loads(bytes(d[json_key].tolist())) for d in (ours, theirs))
+    _, absmax = ops.quantize_4bit(W, 64, quant_type)
+    assert _offsets_agree(ours_json.pop("nested_offset"), theirs_json.pop("nested_offset"), absmax)
+    assert ours_json == theirs_json
+    # At lowbit's offset, bitsandbytes' blockwise quantizer gives the same nested scales and, up to its search's
+    # resolution (below), the same codes.
+    codes, nested = F.quantize_blockwise(absmax - layer.nested_offset, code=dynamic_map(), blocksize=256)
+    assert torch.equal(ours["weight.nested_absmax"], nested.absmax)
     # The 8-bit codes of the absmax: bitsandbytes' CPU search is not exactly round-to-nearest: it
     # resolves the normalized value only to about 1.5e-5 (measured over 3M values), so where codes lie
     # closer than that to each other or to the value, it may take a code other than the nearest. lowbit
     # rounds to nearest, so codes may differ only where bitsandbytes' pick is within that resolution of the
     # nearest code's distance (0.2% of codes in that measurement). Near zero the dynamic map's codes are a
     # few 1e-6 apart, so such a pick can be two or three codes away (seen: 129 against 131).
-    code = state.state2.code
-    x = (state.absmax.new_tensor(0) + _scaled_absmax(W, quant_type, state)).float()
-    differ = (ours["weight.absmax"] != theirs["weight.absmax"]).nonzero().view(-1)
+    code = dynamic_map()
+    x = (absmax - layer.nested_offset) / nested.absmax.repeat_interleave(256)[: absmax.numel()]
+    differ = (ours["weight.absmax"] != codes).nonzero().view(-1)
     for i in differ.tolist():
-        nearest, picked = code[int(ours["weight.absmax"][i])], code[int(theirs["weight.absmax"][i])]
+        nearest, picked = code[int(ours["weight.absmax"][i])], code[int(codes[i])]
         assert (x[i] - nearest).abs() <= (x[i] - picked).abs(), "lowbit's code must be the nearest"
         assert (x[i] - picked).abs() <= (x[i] - nearest).abs() + 3e-5, (x[i], nearest, picked)
     assert len(differ) <= 0.01 * len(x)
 
 
-def _scaled_absmax(W, quant_type, state):
-    """absmax - offset divided by its block's absmax: the value each nested code encodes."""
-    _, absmax = ops.quantize_4bit(W, 64, quant_type)
-    centered = absmax - absmax.mean()
-    blocks = state.state2.absmax.repeat_interleave(256)[: centered.numel()]
-    return centered / blocks
+def test_nested_offset_does_not_depend_on_the_thread_count():
+    """Double quantization's offset (and so every byte of the state) is the same whatever the thread count (and
+    device: it is summed exactly on the host), which ATen's float32 mean, bitsandbytes' offset, is not."""
+    absmax = torch.rand(131072, generator=torch.Generator().manual_seed(0)) * 3
+    W = torch.randn(512, 4096, generator=torch.Generator().manual_seed(1))
+    lin = torch.nn.Linear(4096, 512, bias=False)
+    lin.weight.data = W
+    means, offsets, states = set(), set(), []
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2, 8):
+            torch.set_num_threads(threads)
+            means.add(absmax.mean().item())
+            offsets.add(nested_offset(absmax))
+            states.append(Linear4bit.from_linear(lin, double_quant=True).state_dict())
+    finally:
+        torch.set_num_threads(before)
+    assert len(means) > 1, "this vector no longer shows ATen's thread-dependent mean (the premise of the test)"
+    assert len(offsets) == 1
+    assert all(s.keys() == states[0].keys() and all(torch.equal(s[k], states[0][k]) for k in s) for s in states)
 
 
 def test_int8_weights_match_bitsandbytes():
@@ -144,4 +177,7 @@ def test_quant_state_json_is_bitsandbytes_json():
     lin.weight.data = W
     ours = Linear4bit.from_linear(lin, double_quant=True).state_dict()
     key = "weight.quant_state.bitsandbytes__nf4"
-    assert json.loads(bytes(ours[key].tolist())) == json.loads(bytes(theirs[key].tolist()))
+    ours_json, theirs_json = json.loads(bytes(ours[key].tolist())), json.loads(bytes(theirs[key].tolist()))
+    _, absmax = ops.quantize_4bit(W, 64, "nf4")
+    assert _offsets_agree(ours_json.pop("nested_offset"), theirs_json.pop("nested_offset"), absmax)
+    assert ours_json == theirs_json

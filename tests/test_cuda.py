@@ -24,6 +24,17 @@ def test_quantize_on_cuda_matches_cpu_bytes(quant_type, dtype):
     assert torch.equal(cpu[0], gpu[0].cpu()) and torch.equal(cpu[1], gpu[1].cpu())
 
 
+def test_double_quantization_gives_the_same_bytes_on_cuda_and_cpu():
+    """A 1000 x 4096 weight: 64,000 blocks (not a power of two), whose nested offset (their mean) a float32
+    reduction would sum in a device-dependent order; lowbit sums it exactly on the host (formats.nested_offset)."""
+    lin = torch.nn.Linear(4096, 1000, bias=False)
+    cpu = lowbit.Linear4bit.from_linear(lin, double_quant=True).state_dict()
+    gpu = lowbit.Linear4bit.from_linear(lin.cuda(), double_quant=True).state_dict()
+    assert cpu.keys() == gpu.keys()
+    for key, tensor in cpu.items():
+        assert torch.equal(tensor, gpu[key].cpu()), key  # the quant_state JSON (nested_offset) included
+
+
 @pytest.mark.parametrize("make", [
     lambda lin: lowbit.Linear4bit.from_linear(lin, quant_type="nf4", double_quant=True),
     lambda lin: lowbit.Linear8bit.from_linear(lin, threshold=6.0),

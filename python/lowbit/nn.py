@@ -36,6 +36,7 @@ from .formats import (
     dtype_name,
     dynamic_map,
     named_errors,
+    nested_offset,
     parse_dtype,
     parse_storage,
 )
@@ -372,7 +373,7 @@ class Linear4bit(QuantizedLinear):
         else:
             packed, absmax = ops.quantize_4bit(weight, self.blocksize, self.quant_type)
         if self.double_quant:
-            offset = absmax.mean() if absmax.numel() else absmax.new_zeros(())
+            offset = absmax.new_tensor(nested_offset(absmax))
             absmax, nested_absmax = ops.quantize_blockwise(absmax - offset, dynamic_map(absmax.device), NESTED_BLOCKSIZE)
             self.nested_absmax = nested_absmax
             self.nested_quant_map = dynamic_map(absmax.device)
