@@ -5,7 +5,8 @@
 Llama-3.1-8B linear shapes (K -> N), M rows of bf16 activations, NF4 with blocksize 64 (plus double
 quantization at M = 1). Each timing is the median over repeats of back-to-back launches that cycle through
 enough copies of the weights to not be served from L2. The floor at small M is bytes moved over the
-measured device-to-device copy bandwidth; the table gives the fraction of it reached. Also times
+measured device-to-device copy bandwidth; the table gives the fraction of it reached. Up to 8 rows the GEMV's
+first design (LOWBIT_GEMV=v1) is timed too, in the same run. Also times
 quantize_4bit of a 14336 x 4096 bf16 weight against copy bandwidth.
 
 LLM.int8() rows (int8_linear, same shapes, M and method): threshold 0, and threshold 6.0 with ~0.1% of the
@@ -107,11 +108,16 @@ def bench_linear(name: str, K: int, N: int, bandwidth: float) -> list[dict]:
         moved = nf4_bytes + (M * K + M * N) * 2
         row = dict(shape=name, K=K, N=N, M=M, bf16_ms=t_bf16, nf4_ms=t_nf4, speedup=t_bf16 / t_nf4,
                    nf4_bandwidth_fraction=moved / (t_nf4 / 1e3) / bandwidth)  # fmt: skip
+        if M <= 8:  # the GEMV's first design too (LOWBIT_GEMV=v1), in the same run
+            os.environ["LOWBIT_GEMV"] = "v1"
+            row["nf4_gemv_v1_ms"] = time_ms(nf4(x, plain), copies=len(plain))
+            del os.environ["LOWBIT_GEMV"]
         if M == 1:
             row["nf4_dq_ms"] = time_ms(nf4(x, double), copies=len(double))
         rows.append(row)
+        v1 = f"  (v1 GEMV {row['nf4_gemv_v1_ms']:8.4f} ms)" if "nf4_gemv_v1_ms" in row else ""
         print(f"{name:8s} M={M:5d}  bf16 {t_bf16:8.4f} ms  nf4 {t_nf4:8.4f} ms  x{t_bf16 / t_nf4:5.2f}  "
-              f"{row['nf4_bandwidth_fraction']:.0%} of copy bandwidth", flush=True)  # fmt: skip
+              f"{row['nf4_bandwidth_fraction']:.0%} of copy bandwidth{v1}", flush=True)  # fmt: skip
     return rows
 
 

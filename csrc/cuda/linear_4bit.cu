@@ -1,21 +1,18 @@
 // y = x @ dequant(W).T + bias for a 4-bit weight on CUDA. Two regimes, as on the CPU:
 //  * few rows of x (decode, M <= kMaxGemvRows): a fused dequantize-GEMV that reads the bitsandbytes
 //    layout as stored. At M = 1 the weight's bytes are the whole cost (0.5625 B per weight with float32
-//    absmax per 64), so the kernel is built to stream them: each lane loads 16 bytes (32 weights) at a
-//    time with a cache-streaming load (the weight is read once; x, reused by every row, stays cached),
-//    decodes each byte to two floats with one shared-memory load from a 256-entry pair table (cheaper
-//    than a shuffle per nibble), accumulates code * x over the 32 weights in float32 and applies the
-//    block's scale once per chunk (a chunk never spans two blocks: blocksize >= 32), and reuses each
-//    decoded weight for every row of x. One warp per output row, 4 warps per CTA, a warp-shuffle reduce.
+//    absmax per 64), so the kernel exists to stream them at HBM bandwidth (gemv_4bit_split_kernel, below; the
+//    first design, gemv_4bit_kernel, stays selectable with LOWBIT_GEMV=v1 so a GPU run times both).
 //    Needs K % 32 == 0 (rows start on 16-byte boundaries, and a 32-weight chunk never spans two blocks even
 //    where blocks span rows: block boundaries are multiples of blocksize >= 32) and 16-byte aligned tensors;
 //    other shapes take the path below.
 //  * everything else: dequantize the weight into x's dtype and call cuBLAS through at::linear, so the
 //    dequantization is amortized over the M rows.
-// Not yet here (measured on a GPU first): split-K for short outputs, a tensor-core kernel for medium M.
+// Not yet here (measured on a GPU first): a tensor-core kernel for medium M.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <cstdlib>
 #include <cstring>
 
 #include "cuda/launch.cuh"
@@ -46,6 +43,10 @@ __device__ inline void load_chunk(const T* __restrict__ p, float* out) {
   }
 }
 
+// First design (LOWBIT_GEMV=v1): one warp per output row, 4 warps per CTA, each byte decoded through a 256-entry
+// float2 table in shared memory. A review of its SASS found it shared-memory bound (data-dependent LDS.64 into 512
+// words: bank conflicts, ~3 wavefronts a load), x reloaded for every output row, and too little in flight (each
+// 16-byte load consumed by the next instruction).
 template <typename T, int M>
 __global__ void __launch_bounds__(kGemvWarps * 32)
     gemv_4bit_kernel(Weight4 w, const T* __restrict__ x, const T* __restrict__ bias, T* __restrict__ out) {
@@ -90,6 +91,98 @@ __global__ void __launch_bounds__(kGemvWarps * 32)
   }
 }
 
+// Second design. Why each choice (H100/H200: 132 SMs, HBM 3.35/4.8 TB/s, ~18/25 KB in flight per SM to cover
+// the latency at that rate):
+//  * kSplitRows output rows per CTA and the CTA's 4 warps split K between them (split-K inside the CTA, summed
+//    through shared memory): short outputs (N = 1024 for k/v) still give N / 2 CTAs, and each 32-weight chunk of
+//    x is loaded once for kSplitRows rows instead of once a row.
+//  * A chunk's kSplitRows 16-byte weight loads and their scales are issued before any of them is decoded, and the
+//    loop is unrolled by two: ptxas (sm_90, 56 registers) keeps one or two 16-byte weight loads a lane in flight,
+//    and 56 registers allow 9 CTAs (36 warps) an SM: ~18-36 KB in flight, what HBM3/3e latency needs.
+//  * Each byte is decoded with two 4-byte loads from a 16-entry float table in shared memory: 16 words in 16
+//    banks, so lanes reading different codes never conflict (the v1 float2 table over 512 words did).
+//  * Block and nested-block indices are shifts (blocksizes are powers of two): no 64-bit division per chunk.
+//  * Double-quantized scales decode from a shared copy of the 256-entry nested code, multiply then add in float32
+//    (formats.h nested_scale's rounding).
+constexpr int kSplitWarps = 4;
+constexpr int kSplitRows = 2;
+
+struct Shifts {
+  int block, nested_block;
+};
+
+__device__ inline float block_scale(const Weight4& w, const float* nested_code, Shifts shift, int64_t block) {
+  if (w.absmax) return w.absmax[block];
+  return add_rn(mul_rn(nested_code[w.absmax_q[block]], w.nested_absmax[block >> shift.nested_block]), w.nested_offset);
+}
+
+template <typename T, int M>
+__global__ void __launch_bounds__(kSplitWarps * 32)
+    gemv_4bit_split_kernel(Weight4 w, Shifts shift, const T* __restrict__ x, const T* __restrict__ bias,
+                           T* __restrict__ out) {
+  __shared__ float table[16];
+  __shared__ float nested_code[256];
+  __shared__ float partial[kSplitWarps][M][kSplitRows];
+  if (threadIdx.x < 16) table[threadIdx.x] = w.table[threadIdx.x];
+  if (!w.absmax)
+    for (int i = threadIdx.x; i < 256; i += blockDim.x) nested_code[i] = w.nested_code[i];
+  __syncthreads();
+  const int64_t n0 = static_cast<int64_t>(blockIdx.x) * kSplitRows;
+  const int64_t chunks = w.K / kChunk;
+  const uint8_t* rows[kSplitRows];
+#pragma unroll
+  for (int r = 0; r < kSplitRows; ++r) rows[r] = w.packed + min(n0 + r, w.N - 1) * (w.K / 2);  // past N: not written
+  float acc[M][kSplitRows] = {};
+#pragma unroll 2
+  for (int64_t c = threadIdx.x; c < chunks; c += blockDim.x) {
+    uint4 packed[kSplitRows];
+    float scale[kSplitRows];
+#pragma unroll
+    for (int r = 0; r < kSplitRows; ++r) {
+      packed[r] = __ldcs(reinterpret_cast<const uint4*>(rows[r]) + c);
+      scale[r] = block_scale(w, nested_code, shift, (min(n0 + r, w.N - 1) * w.K + c * kChunk) >> shift.block);
+    }
+#pragma unroll
+    for (int r = 0; r < kSplitRows; ++r) {
+      uint8_t bytes[16];
+      memcpy(bytes, &packed[r], sizeof(bytes));
+      float weights[kChunk];
+#pragma unroll
+      for (int j = 0; j < 16; ++j) {
+        weights[2 * j] = table[bytes[j] >> 4];
+        weights[2 * j + 1] = table[bytes[j] & 15];
+      }
+#pragma unroll
+      for (int m = 0; m < M; ++m) {
+        float xs[kChunk];
+        load_chunk(x + m * w.K + c * kChunk, xs);
+        float dot = 0.f;
+#pragma unroll
+        for (int j = 0; j < kChunk; ++j) dot = fmaf(weights[j], xs[j], dot);
+        acc[m][r] = fmaf(dot, scale[r], acc[m][r]);
+      }
+    }
+  }
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+#pragma unroll
+  for (int m = 0; m < M; ++m)
+#pragma unroll
+    for (int r = 0; r < kSplitRows; ++r) {
+      float v = acc[m][r];
+      for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
+      if (lane == 0) partial[warp][m][r] = v;
+    }
+  __syncthreads();
+  if (threadIdx.x >= M * kSplitRows) return;
+  const int m = threadIdx.x / kSplitRows, r = threadIdx.x % kSplitRows;
+  const int64_t n = n0 + r;
+  if (n >= w.N) return;
+  float v = 0.f;
+#pragma unroll
+  for (int i = 0; i < kSplitWarps; ++i) v += partial[i][m][r];
+  out[m * w.N + n] = static_cast<T>(bias ? v + static_cast<float>(bias[n]) : v);
+}
+
 // The whole weight, dequantized (flat index order, so blocks may span rows and rows may start mid-byte).
 template <typename T>
 __global__ void dequantize_weight_kernel(Weight4 w, T* __restrict__ out) {
@@ -103,16 +196,36 @@ __global__ void dequantize_weight_kernel(Weight4 w, T* __restrict__ out) {
 
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
+int log2_exact(int64_t v) { return (v & (v - 1)) == 0 ? __builtin_ctzll(static_cast<uint64_t>(v)) : -1; }
+
+// LOWBIT_GEMV=v1 selects the first design (read at each call, so one process can time both).
+bool first_gemv_design() {
+  const char* choice = std::getenv("LOWBIT_GEMV");
+  return choice != nullptr && std::strcmp(choice, "v1") == 0;
+}
+
 template <typename T>
 void launch_gemv(const Weight4& w, const T* x, const T* bias, T* out, int64_t M) {
-  const dim3 grid(cuda::grid_size(cuda::ceil_div(w.N, kGemvWarps), "lowbit.linear_4bit")), block(kGemvWarps * 32);
   const cudaStream_t stream = cuda::current_stream();
-  switch (M) {
+  const Shifts shift{log2_exact(w.blocksize), w.absmax ? 0 : log2_exact(w.nested_blocksize)};
+  if (!first_gemv_design() && shift.block >= 0 && shift.nested_block >= 0) {
+    const dim3 grid(cuda::grid_size(cuda::ceil_div(w.N, kSplitRows), "lowbit.linear_4bit")), block(kSplitWarps * 32);
+    switch (M) {
+#define LOWBIT_GEMV_CASE(ROWS) \
+  case ROWS: gemv_4bit_split_kernel<T, ROWS><<<grid, block, 0, stream>>>(w, shift, x, bias, out); break;
+      LOWBIT_GEMV_CASE(1) LOWBIT_GEMV_CASE(2) LOWBIT_GEMV_CASE(3) LOWBIT_GEMV_CASE(4)
+      LOWBIT_GEMV_CASE(5) LOWBIT_GEMV_CASE(6) LOWBIT_GEMV_CASE(7) LOWBIT_GEMV_CASE(8)
+#undef LOWBIT_GEMV_CASE
+    }
+  } else {
+    const dim3 grid(cuda::grid_size(cuda::ceil_div(w.N, kGemvWarps), "lowbit.linear_4bit")), block(kGemvWarps * 32);
+    switch (M) {
 #define LOWBIT_GEMV_CASE(ROWS) \
   case ROWS: gemv_4bit_kernel<T, ROWS><<<grid, block, 0, stream>>>(w, x, bias, out); break;
-    LOWBIT_GEMV_CASE(1) LOWBIT_GEMV_CASE(2) LOWBIT_GEMV_CASE(3) LOWBIT_GEMV_CASE(4)
-    LOWBIT_GEMV_CASE(5) LOWBIT_GEMV_CASE(6) LOWBIT_GEMV_CASE(7) LOWBIT_GEMV_CASE(8)
+      LOWBIT_GEMV_CASE(1) LOWBIT_GEMV_CASE(2) LOWBIT_GEMV_CASE(3) LOWBIT_GEMV_CASE(4)
+      LOWBIT_GEMV_CASE(5) LOWBIT_GEMV_CASE(6) LOWBIT_GEMV_CASE(7) LOWBIT_GEMV_CASE(8)
 #undef LOWBIT_GEMV_CASE
+    }
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
