@@ -178,6 +178,10 @@ void launch_gemv(const Int8LinearArgs<T>& a) {
   const dim3 grid(grid_size(ceil_div(a.N, kGemvWarps), "lowbit.int8_linear"), static_cast<unsigned int>(row_groups));
   const cudaStream_t stream = current_stream();
   // Whole 16-byte chunks per row: K % 16 == 0 and a 16-byte aligned weight (the codes are a fresh tensor).
+  if (a.K % kWeightBytesPerLoad == 0 && !aligned16(a.weight))
+    TORCH_WARN_ONCE("lowbit.int8_linear: the int8 weight (CB) is not 16-byte aligned (a view into a larger buffer?), ",
+                    "so the decode GEMV reads it a byte at a time, several times slower: keep each weight in a tensor ",
+                    "of its own (.clone() it once)");
   if (a.K % kWeightBytesPerLoad == 0 && aligned16(a.weight) && aligned16(a.codes))
     int8_gemv_kernel<T, true><<<grid, kGemvWarps * 32, 0, stream>>>(a);
   else

@@ -15,6 +15,7 @@
 #include <cstdlib>
 #include <cstring>
 
+#include "cuda/dequantize_4bit.cuh"
 #include "cuda/launch.cuh"
 #include "formats.h"
 #include "rows.h"
@@ -27,7 +28,6 @@ namespace {
 constexpr int kMaxGemvRows = 8;
 constexpr int kGemvWarps = 4;
 constexpr int kChunk = 32;  // weights per 16-byte load
-constexpr int kElementwiseThreads = 256;
 
 // 32 consecutive values of x as floats, in 16-byte loads (p is 16-byte aligned).
 template <typename T>
@@ -107,26 +107,14 @@ __global__ void __launch_bounds__(kGemvWarps * 32)
 constexpr int kSplitWarps = 4;
 constexpr int kSplitRows = 2;
 
-struct Shifts {
-  int block, nested_block;
-};
-
-__device__ inline float block_scale(const Weight4& w, const float* nested_code, Shifts shift, int64_t block) {
-  if (w.absmax) return w.absmax[block];
-  return add_rn(mul_rn(nested_code[w.absmax_q[block]], w.nested_absmax[block >> shift.nested_block]), w.nested_offset);
-}
-
 template <typename T, int M>
 __global__ void __launch_bounds__(kSplitWarps * 32)
-    gemv_4bit_split_kernel(Weight4 w, Shifts shift, const T* __restrict__ x, const T* __restrict__ bias,
+    gemv_4bit_split_kernel(Weight4 w, cuda::Shifts shift, const T* __restrict__ x, const T* __restrict__ bias,
                            T* __restrict__ out) {
   __shared__ float table[16];
   __shared__ float nested_code[256];
   __shared__ float partial[kSplitWarps][M][kSplitRows];
-  if (threadIdx.x < 16) table[threadIdx.x] = w.table[threadIdx.x];
-  if (!w.absmax)
-    for (int i = threadIdx.x; i < 256; i += blockDim.x) nested_code[i] = w.nested_code[i];
-  __syncthreads();
+  cuda::load_tables(w, table, nested_code);
   const int64_t n0 = static_cast<int64_t>(blockIdx.x) * kSplitRows;
   const int64_t chunks = w.K / kChunk;
   const uint8_t* rows[kSplitRows];
@@ -140,7 +128,7 @@ __global__ void __launch_bounds__(kSplitWarps * 32)
 #pragma unroll
     for (int r = 0; r < kSplitRows; ++r) {
       packed[r] = __ldcs(reinterpret_cast<const uint4*>(rows[r]) + c);
-      scale[r] = block_scale(w, nested_code, shift, (min(n0 + r, w.N - 1) * w.K + c * kChunk) >> shift.block);
+      scale[r] = cuda::block_scale(w, nested_code, shift, (min(n0 + r, w.N - 1) * w.K + c * kChunk) >> shift.block);
     }
 #pragma unroll
     for (int r = 0; r < kSplitRows; ++r) {
@@ -183,20 +171,7 @@ __global__ void __launch_bounds__(kSplitWarps * 32)
   out[m * w.N + n] = static_cast<T>(bias ? v + static_cast<float>(bias[n]) : v);
 }
 
-// The whole weight, dequantized (flat index order, so blocks may span rows and rows may start mid-byte).
-template <typename T>
-__global__ void dequantize_weight_kernel(Weight4 w, T* __restrict__ out) {
-  const int64_t n = w.N * w.K;
-  const int64_t i = 2 * (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x);
-  if (i >= n) return;
-  const float scale = w.scale(i / w.blocksize);  // i is even and blocksize even: i + 1 is in the same block
-  out[i] = static_cast<T>(w.value(i, scale));
-  if (i + 1 < n) out[i + 1] = static_cast<T>(w.value(i + 1, scale));
-}
-
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
-
-int log2_exact(int64_t v) { return (v & (v - 1)) == 0 ? __builtin_ctzll(static_cast<uint64_t>(v)) : -1; }
 
 // LOWBIT_GEMV=v1 selects the first design (read at each call, so one process can time both).
 bool first_gemv_design() {
@@ -207,12 +182,11 @@ bool first_gemv_design() {
 template <typename T>
 void launch_gemv(const Weight4& w, const T* x, const T* bias, T* out, int64_t M) {
   const cudaStream_t stream = cuda::current_stream();
-  const Shifts shift{log2_exact(w.blocksize), w.absmax ? 0 : log2_exact(w.nested_blocksize)};
-  if (!first_gemv_design() && shift.block >= 0 && shift.nested_block >= 0) {
+  if (!first_gemv_design()) {
     const dim3 grid(cuda::grid_size(cuda::ceil_div(w.N, kSplitRows), "lowbit.linear_4bit")), block(kSplitWarps * 32);
     switch (M) {
 #define LOWBIT_GEMV_CASE(ROWS) \
-  case ROWS: gemv_4bit_split_kernel<T, ROWS><<<grid, block, 0, stream>>>(w, shift, x, bias, out); break;
+  case ROWS: gemv_4bit_split_kernel<T, ROWS><<<grid, block, 0, stream>>>(w, cuda::shifts_of(w), x, bias, out); break;
       LOWBIT_GEMV_CASE(1) LOWBIT_GEMV_CASE(2) LOWBIT_GEMV_CASE(3) LOWBIT_GEMV_CASE(4)
       LOWBIT_GEMV_CASE(5) LOWBIT_GEMV_CASE(6) LOWBIT_GEMV_CASE(7) LOWBIT_GEMV_CASE(8)
 #undef LOWBIT_GEMV_CASE
@@ -241,12 +215,17 @@ at::Tensor linear_4bit_cuda(const at::Tensor& x, const at::Tensor& packed, const
   const int64_t N = weight.view.N, K = weight.view.K;
   const int64_t M = row_count(x);
   const std::vector<int64_t> out_shape = linear_output_shape(x, N);
-  const at::Tensor x2 = flatten_rows(x).contiguous();
+  at::Tensor x2 = flatten_rows(x).contiguous();
   // The bias in x's dtype, as the reference adds it.
   const std::optional<at::Tensor> bias_x = bias ? std::optional(bias->to(x.scalar_type()).contiguous()) : std::nullopt;
   at::Tensor out;
-  const bool gemv = M >= 1 && M <= kMaxGemvRows && N > 0 && K > 0 && K % kChunk == 0 &&
-                    aligned16(weight.view.packed) && aligned16(x2.const_data_ptr());
+  const bool gemv_shape = M >= 1 && M <= kMaxGemvRows && N > 0 && K > 0 && K % kChunk == 0;
+  if (gemv_shape && !aligned16(x2.const_data_ptr())) x2 = x2.clone();  // a few rows: copying beats the slow path
+  if (gemv_shape && !aligned16(weight.view.packed))
+    TORCH_WARN_ONCE("lowbit.linear_4bit: the packed weight is not 16-byte aligned (a view into a larger buffer?), so ",
+                    "decode dequantizes it for cuBLAS at every call instead of streaming it through the GEMV, several ",
+                    "times slower: keep each weight in a tensor of its own (.clone() it once)");
+  const bool gemv = gemv_shape && aligned16(weight.view.packed);
   LOWBIT_DISPATCH_FLOAT_TYPES(x.scalar_type(), "linear_4bit_cuda", [&] {
     if (gemv) {
       out = at::empty({M, N}, x2.options());
@@ -255,13 +234,7 @@ at::Tensor linear_4bit_cuda(const at::Tensor& x, const at::Tensor& packed, const
       return;
     }
     at::Tensor W = at::empty({N, K}, x2.options());
-    const int64_t pairs = cuda::ceil_div(N * K, 2);
-    if (pairs > 0) {
-      dequantize_weight_kernel<scalar_t><<<cuda::grid_size(cuda::ceil_div(pairs, kElementwiseThreads),
-                                                           "lowbit.linear_4bit"), kElementwiseThreads, 0,
-                                           cuda::current_stream()>>>(weight.view, W.data_ptr<scalar_t>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    }
+    cuda::dequantize_4bit(weight.view, N * K, W.data_ptr<scalar_t>(), "lowbit.linear_4bit");
     out = at::linear(x2, W, bias_x);
   });
   return out.reshape(out_shape);

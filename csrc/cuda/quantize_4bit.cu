@@ -5,11 +5,12 @@
 // block's absmax with a block reduction, then encode pairs of elements into bytes. The arithmetic is the
 // CPU's, operation for operation (formats.h mul_rn/div_rn: never fused): a full block multiplies by the
 // reciprocal of its absmax, a final partial block divides, and the codebook's midpoints decide ties.
-// dequantize_4bit: one thread per packed byte; both of its elements lie in one block (blocksize is even).
+// dequantize_4bit: the kernel linear_4bit dequantizes with (cuda/dequantize_4bit.cuh).
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
 #include "checks.h"
+#include "cuda/dequantize_4bit.cuh"
 #include "cuda/launch.cuh"
 #include "formats.h"
 #include "validate.h"
@@ -18,7 +19,6 @@ namespace lowbit {
 namespace {
 
 constexpr int kQuantizeThreads = 256;
-constexpr int kElementwiseThreads = 256;
 
 template <typename scalar_t>
 __global__ void quantize_4bit_kernel(const scalar_t* __restrict__ src, int64_t n, int64_t blocksize,
@@ -40,17 +40,6 @@ __global__ void quantize_4bit_kernel(const scalar_t* __restrict__ src, int64_t n
     const uint8_t odd = i + 1 < len ? encode(static_cast<float>(src[start + i + 1])) : book.zero_code;
     packed[(start + i) / 2] = pack_codes(even, odd);
   }
-}
-
-template <typename scalar_t>
-__global__ void dequantize_4bit_kernel(const uint8_t* __restrict__ packed, const float* __restrict__ absmax,
-                                       int64_t n, int64_t blocksize, Codebook4 book, scalar_t* __restrict__ out) {
-  const int64_t byte = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  const int64_t i = 2 * byte;
-  if (i >= n) return;
-  const float scale = absmax[i / blocksize];
-  out[i] = static_cast<scalar_t>(mul_rn(book.value[code_at(packed, i)], scale));
-  if (i + 1 < n) out[i + 1] = static_cast<scalar_t>(mul_rn(book.value[code_at(packed, i + 1)], scale));
 }
 
 std::tuple<at::Tensor, at::Tensor> quantize_4bit_cuda(const at::Tensor& A, int64_t blocksize,
@@ -86,15 +75,13 @@ at::Tensor dequantize_4bit_cuda(const at::Tensor& packed, const at::Tensor& absm
   const at::Tensor scales = absmax.contiguous();
   at::Tensor out = at::empty(shape, packed.options().dtype(dtype));
   const int64_t n = out.numel();
-  if (n == 0) return out;
-  const int64_t threads = cuda::ceil_div(n, 2);
+  Weight4 w{};  // a flat weight: dequantize_4bit reads only its codes, blocksize, table and float scales
+  w.packed = q.const_data_ptr<uint8_t>();
+  w.blocksize = blocksize;
+  for (int i = 0; i < 16; ++i) w.table[i] = book.value[i];
+  w.absmax = scales.const_data_ptr<float>();
   LOWBIT_DISPATCH_FLOAT_TYPES(dtype, "dequantize_4bit_cuda", [&] {
-    dequantize_4bit_kernel<scalar_t><<<cuda::grid_size(cuda::ceil_div(threads, kElementwiseThreads),
-                                                       "lowbit.dequantize_4bit"), kElementwiseThreads, 0,
-                                       cuda::current_stream()>>>(q.const_data_ptr<uint8_t>(),
-                                                                 scales.const_data_ptr<float>(), n, blocksize, book,
-                                                                 out.data_ptr<scalar_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    cuda::dequantize_4bit(w, n, out.data_ptr<scalar_t>(), "lowbit.dequantize_4bit");
   });
   return out;
 }
