@@ -29,33 +29,49 @@ inline unsigned int grid_size(int64_t ctas, const char* op) {
 // ops order with the rest of the program and can be captured in CUDA graphs.
 inline cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
 
+__device__ inline float warp_max(float v) {
+  for (int offset = 16; offset > 0; offset >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, offset));
+  return v;
+}
+
 // Max over the CTA (blockDim.x a multiple of 32, at most 1024): warp shuffles, then one value per warp
 // through shared memory. Every thread gets the result.
 __device__ inline float block_max(float v) {
   __shared__ float per_warp[32];
-  for (int offset = 16; offset > 0; offset >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, offset));
+  v = warp_max(v);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
   if (lane == 0) per_warp[warp] = v;
   __syncthreads();
-  v = lane < warps ? per_warp[lane] : 0.f;
-  for (int offset = 16; offset > 0; offset >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, offset));
+  v = warp_max(lane < warps ? per_warp[lane] : 0.f);
   __syncthreads();  // per_warp may be reused by the caller's next reduction
   return v;
 }
 
-// The scan both blockwise quantizers start with (the device twin of cpu/blocks.h): the absmax of
-// src[0, len) over the CTA, which every thread gets; a non-finite element sets *non_finite.
+// The scan both blockwise quantizers start with (the device twin of cpu/blocks.h), over src[first, len) in steps
+// of `stride`: the largest |value|; a non-finite element sets *non_finite.
 template <typename scalar_t>
-__device__ float block_absmax(const scalar_t* src, int64_t len, int* non_finite) {
+__device__ float strided_absmax(const scalar_t* src, int64_t len, int first, int stride, int* non_finite) {
   float amax = 0.f;
   bool finite = true;
-  for (int64_t i = threadIdx.x; i < len; i += blockDim.x) {
+  for (int64_t i = first; i < len; i += stride) {
     const float v = static_cast<float>(src[i]);
     amax = fmaxf(amax, fabsf(v));
     finite &= isfinite(v);
   }
   if (!finite) atomicExch(non_finite, 1);
-  return block_max(amax);
+  return amax;
+}
+
+// The absmax of src[0, len) over the CTA, which every thread gets.
+template <typename scalar_t>
+__device__ float block_absmax(const scalar_t* src, int64_t len, int* non_finite) {
+  return block_max(strided_absmax(src, len, threadIdx.x, blockDim.x, non_finite));
+}
+
+// The absmax of src[0, len) over one warp, which every lane gets (the whole warp calls it).
+template <typename scalar_t>
+__device__ float warp_absmax(const scalar_t* src, int64_t len, int* non_finite) {
+  return warp_max(strided_absmax(src, len, threadIdx.x % 32, 32, non_finite));
 }
 
 }  // namespace lowbit::cuda

@@ -1,8 +1,9 @@
 // 4-bit blockwise quantization and dequantization on CUDA: the same bytes and values as the CPU kernels
 // (csrc/cpu/quantize_4bit.cpp), so a model quantized on either device saves the same checkpoint.
 //
-// quantize_4bit: one CTA per block of the flattened input (blocksize 32..4096). Its threads find the
-// block's absmax with a block reduction, then encode pairs of elements into bytes. The arithmetic is the
+// quantize_4bit: one warp per block of the flattened input (blocksize 32..4096), kQuantizeWarps blocks a CTA: a
+// warp finds its block's absmax with shuffles, then encodes pairs of elements into bytes. (A CTA of 256 threads a
+// block left 192 of them idle at blocksize 64 and launched ~917k CTAs for a 14336 x 4096 weight.) The arithmetic is the
 // CPU's, operation for operation (formats.h mul_rn/div_rn: never fused): a full block multiplies by the
 // reciprocal of its absmax, a final partial block divides, and the codebook's midpoints decide ties.
 // dequantize_4bit: the kernel linear_4bit dequantizes with (cuda/dequantize_4bit.cuh).
@@ -18,16 +19,19 @@
 namespace lowbit {
 namespace {
 
-constexpr int kQuantizeThreads = 256;
+constexpr int kQuantizeWarps = 8;
 
 template <typename scalar_t>
-__global__ void quantize_4bit_kernel(const scalar_t* __restrict__ src, int64_t n, int64_t blocksize,
-                                     Codebook4 book, uint8_t* __restrict__ packed, float* __restrict__ absmax,
-                                     int* __restrict__ non_finite) {
-  const int64_t start = static_cast<int64_t>(blockIdx.x) * blocksize;
+__global__ void __launch_bounds__(kQuantizeWarps * 32)
+    quantize_4bit_kernel(const scalar_t* __restrict__ src, int64_t n, int64_t blocksize, Codebook4 book,
+                         uint8_t* __restrict__ packed, float* __restrict__ absmax, int* __restrict__ non_finite) {
+  const int lane = threadIdx.x % 32;
+  const int64_t block = static_cast<int64_t>(blockIdx.x) * kQuantizeWarps + threadIdx.x / 32;
+  const int64_t start = block * blocksize;
+  if (start >= n) return;  // the whole warp: its shuffles below see every lane
   const int64_t len = min(blocksize, n - start);
-  const float amax = cuda::block_absmax(src + start, len, non_finite);
-  if (threadIdx.x == 0) absmax[blockIdx.x] = amax;
+  const float amax = cuda::warp_absmax(src + start, len, non_finite);
+  if (lane == 0) absmax[block] = amax;
   const float denom = fmaxf(amax, kMinAbsmax);
   const bool full = len == blocksize;
   const float inv = div_rn(1.0f, denom);
@@ -35,7 +39,7 @@ __global__ void quantize_4bit_kernel(const scalar_t* __restrict__ src, int64_t n
     const float scaled = full ? mul_rn(v, inv) : div_rn(v, denom);
     return book.encode(fminf(fmaxf(scaled, -1.0f), 1.0f));
   };
-  for (int64_t i = 2 * threadIdx.x; i < len; i += 2 * blockDim.x) {
+  for (int64_t i = 2 * lane; i < len; i += 64) {
     const uint8_t even = encode(static_cast<float>(src[start + i]));
     const uint8_t odd = i + 1 < len ? encode(static_cast<float>(src[start + i + 1])) : book.zero_code;
     packed[(start + i) / 2] = pack_codes(even, odd);
@@ -54,8 +58,8 @@ std::tuple<at::Tensor, at::Tensor> quantize_4bit_cuda(const at::Tensor& A, int64
   if (n == 0) return {packed, absmax};
   at::Tensor non_finite = at::zeros({1}, a.options().dtype(at::kInt));
   LOWBIT_DISPATCH_FLOAT_TYPES(a.scalar_type(), "quantize_4bit_cuda", [&] {
-    quantize_4bit_kernel<scalar_t><<<cuda::grid_size(nblocks, "lowbit.quantize_4bit"), kQuantizeThreads, 0,
-                                    cuda::current_stream()>>>(
+    quantize_4bit_kernel<scalar_t><<<cuda::grid_size(cuda::ceil_div(nblocks, kQuantizeWarps), "lowbit.quantize_4bit"),
+                                    kQuantizeWarps * 32, 0, cuda::current_stream()>>>(
         a.const_data_ptr<scalar_t>(), n, blocksize, book, packed.data_ptr<uint8_t>(), absmax.data_ptr<float>(),
         non_finite.data_ptr<int>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
