@@ -43,6 +43,21 @@ __device__ inline void load_chunk(const T* __restrict__ p, float* out) {
   }
 }
 
+// acc[m * stride] += scale * (the 32 decoded weights of chunk c . the same 32 values of row m of x), for each row.
+template <typename T, int M>
+__device__ inline void accumulate_chunk(const float* weights, const T* __restrict__ x, int64_t K, int64_t c, float scale,
+                                        float* acc, int stride) {
+#pragma unroll
+  for (int m = 0; m < M; ++m) {
+    float xs[kChunk];
+    load_chunk(x + m * K + c * kChunk, xs);
+    float dot = 0.f;
+#pragma unroll
+    for (int j = 0; j < kChunk; ++j) dot = fmaf(weights[j], xs[j], dot);
+    acc[m * stride] = fmaf(dot, scale, acc[m * stride]);
+  }
+}
+
 // First design (LOWBIT_GEMV=v1): one warp per output row, 4 warps per CTA, each byte decoded through a 256-entry
 // float2 table in shared memory. A review of its SASS found it shared-memory bound (data-dependent LDS.64 into 512
 // words: bank conflicts, ~3 wavefronts a load), x reloaded for every output row, and too little in flight (each
@@ -72,16 +87,7 @@ __global__ void __launch_bounds__(kGemvWarps * 32)
       weights[2 * j] = pair.x;
       weights[2 * j + 1] = pair.y;
     }
-    const float scale = w.scale((n * w.K + c * kChunk) / w.blocksize);
-#pragma unroll
-    for (int m = 0; m < M; ++m) {
-      float xs[kChunk];
-      load_chunk(x + m * w.K + c * kChunk, xs);
-      float dot = 0.f;
-#pragma unroll
-      for (int j = 0; j < kChunk; ++j) dot = fmaf(weights[j], xs[j], dot);
-      acc[m] = fmaf(dot, scale, acc[m]);
-    }
+    accumulate_chunk<T, M>(weights, x, w.K, c, w.scale((n * w.K + c * kChunk) / w.blocksize), acc, 1);
   }
 #pragma unroll
   for (int m = 0; m < M; ++m) {
@@ -140,15 +146,7 @@ __global__ void __launch_bounds__(kSplitWarps * 32)
         weights[2 * j] = table[bytes[j] >> 4];
         weights[2 * j + 1] = table[bytes[j] & 15];
       }
-#pragma unroll
-      for (int m = 0; m < M; ++m) {
-        float xs[kChunk];
-        load_chunk(x + m * w.K + c * kChunk, xs);
-        float dot = 0.f;
-#pragma unroll
-        for (int j = 0; j < kChunk; ++j) dot = fmaf(weights[j], xs[j], dot);
-        acc[m][r] = fmaf(dot, scale[r], acc[m][r]);
-      }
+      accumulate_chunk<T, M>(weights, x, w.K, c, scale[r], &acc[0][r], kSplitRows);
     }
   }
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
