@@ -32,7 +32,7 @@ namespace {
 // the 4-bit GEMV, until benchmarks/bench_cuda.py measures both paths on a GPU (it moves the cut-over with
 // LOWBIT_INT8_GEMV_MAX_ROWS to time each path at every M; the GEMV takes kMaxGemvRows rows per pass over
 // the weight, so above that it re-streams the weight once per group of rows).
-constexpr int64_t kMaxGemvRows = 8;
+constexpr int kMaxGemvRows = 8;
 
 int64_t gemv_max_rows() {
   const char* setting = std::getenv("LOWBIT_INT8_GEMV_MAX_ROWS");
@@ -48,6 +48,19 @@ constexpr int kEpilogueRows = 32;
 constexpr int kEpilogueRowThreads = 4;
 constexpr int kOutlierChunk = 32;
 
+// The bias read in its own dtype inside the kernels (a cast to float32 first was one more launch a decode step) and
+// widened to float32 there, which is exact, as the CPU kernel adds it before the final rounding.
+struct BiasView {
+  const void* data = nullptr;
+  at::ScalarType dtype = at::kFloat;
+  __device__ float value(int64_t n) const {
+    if (!data) return 0.f;
+    if (dtype == at::kHalf) return static_cast<float>(static_cast<const at::Half*>(data)[n]);
+    if (dtype == at::kBFloat16) return static_cast<float>(static_cast<const at::BFloat16*>(data)[n]);
+    return static_cast<const float*>(data)[n];
+  }
+};
+
 template <typename T>
 struct Int8LinearArgs {
   const T* x;                 // [M, K]: the outlier columns' values
@@ -55,7 +68,7 @@ struct Int8LinearArgs {
   const float* row_stats;     // [M]
   const int8_t* weight;       // CB [N, K]
   const float* weight_scale;  // SCB [N]
-  const float* bias;          // float32 [N], or null
+  BiasView bias;              // [N] in its own dtype, or none
   OutlierColumns outliers;
   const int32_t* product;  // [M, N] int32 Xq @ CB.T (large-M path only)
   T* out;                  // [M, N]
@@ -69,18 +82,18 @@ __device__ inline V warp_sum(V v) {
   return v;
 }
 
-template <typename T, bool kVectorLoads>
-__global__ void __launch_bounds__(kGemvWarps * 32) int8_gemv_kernel(const Int8LinearArgs<T> a) {
+// kRows rows of x a CTA, rows row0 + blockIdx.y * kRows on: the row count is a template argument so every loop over
+// rows unrolls without a bounds test (a runtime count kept each of the rows' dp4a chains behind a branch).
+template <typename T, bool kVectorLoads, int kRows>
+__global__ void __launch_bounds__(kGemvWarps * 32) int8_gemv_kernel(const Int8LinearArgs<T> a, int64_t row0) {
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int64_t n = static_cast<int64_t>(blockIdx.x) * kGemvWarps + warp;
   if (n >= a.N) return;  // the whole warp: the shuffles below stay full-warp
-  // blockIdx.y picks kMaxGemvRows rows of x (more than one group only when the cut-over is raised to measure it).
-  const int64_t row0 = static_cast<int64_t>(blockIdx.y) * kMaxGemvRows;
-  const int64_t rows = min(static_cast<int64_t>(kMaxGemvRows), a.M - row0);
-  const int8_t* codes = a.codes + row0 * a.K;
-  const T* x = a.x + row0 * a.K;
+  const int64_t first = row0 + static_cast<int64_t>(blockIdx.y) * kRows;
+  const int8_t* codes = a.codes + first * a.K;
+  const T* x = a.x + first * a.K;
   const int8_t* weight_row = a.weight + n * a.K;
-  int32_t acc[kMaxGemvRows] = {};
+  int32_t acc[kRows] = {};
   if constexpr (kVectorLoads) {
     const int4* weight_chunks = reinterpret_cast<const int4*>(weight_row);
     const int64_t chunks = a.K / kWeightBytesPerLoad;
@@ -88,27 +101,23 @@ __global__ void __launch_bounds__(kGemvWarps * 32) int8_gemv_kernel(const Int8Li
     for (int64_t c = lane; c < chunks; c += 32) {
       const int4 w = __ldcs(weight_chunks + c);
 #pragma unroll
-      for (int m = 0; m < kMaxGemvRows; ++m) {
-        if (m < rows) {
-          const int4 q = __ldg(reinterpret_cast<const int4*>(codes + m * a.K) + c);
-          acc[m] = __dp4a(w.w, q.w, __dp4a(w.z, q.z, __dp4a(w.y, q.y, __dp4a(w.x, q.x, acc[m]))));
-        }
+      for (int m = 0; m < kRows; ++m) {
+        const int4 q = __ldg(reinterpret_cast<const int4*>(codes + m * a.K) + c);
+        acc[m] = __dp4a(w.w, q.w, __dp4a(w.z, q.z, __dp4a(w.y, q.y, __dp4a(w.x, q.x, acc[m]))));
       }
     }
   } else {
     for (int64_t k = lane; k < a.K; k += 32) {
       const int32_t w = weight_row[k];
 #pragma unroll
-      for (int m = 0; m < kMaxGemvRows; ++m)
-        if (m < rows) acc[m] += w * static_cast<int32_t>(codes[m * a.K + k]);
+      for (int m = 0; m < kRows; ++m) acc[m] += w * static_cast<int32_t>(codes[m * a.K + k]);
     }
   }
   const int n_outliers = a.outliers.size();
   const float weight_scale = a.weight_scale[n];
-  const float bias = a.bias ? a.bias[n] : 0.f;
+  const float bias = a.bias.value(n);
 #pragma unroll
-  for (int m = 0; m < kMaxGemvRows; ++m) {
-    if (m >= rows) continue;
+  for (int m = 0; m < kRows; ++m) {
     const int32_t total = warp_sum(acc[m]);
     float outlier_sum = 0.f;
     for (int j = lane; j < n_outliers; j += 32) {
@@ -117,8 +126,8 @@ __global__ void __launch_bounds__(kGemvWarps * 32) int8_gemv_kernel(const Int8Li
     }
     outlier_sum = warp_sum(outlier_sum);
     if (lane == 0)
-      a.out[(row0 + m) * a.N + n] =
-          static_cast<T>(int8_output(total, a.row_stats[row0 + m], weight_scale, outlier_sum, bias));
+      a.out[(first + m) * a.N + n] =
+          static_cast<T>(int8_output(total, a.row_stats[first + m], weight_scale, outlier_sum, bias));
   }
 }
 
@@ -159,7 +168,7 @@ __global__ void __launch_bounds__(kEpilogueCols * kEpilogueRowThreads) int8_epil
   }
   if (n >= a.N) return;
   const float weight_scale = a.weight_scale[n];
-  const float bias = a.bias ? a.bias[n] : 0.f;
+  const float bias = a.bias.value(n);
 #pragma unroll
   for (int i = 0; i < kRowsPerThread; ++i) {
     const int64_t m = m0 + ty + i * kEpilogueRowThreads;
@@ -171,22 +180,38 @@ __global__ void __launch_bounds__(kEpilogueCols * kEpilogueRowThreads) int8_epil
 
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
+// groups CTAs of kRows rows each along blockIdx.y, from row row0.
+template <typename T, int kRows>
+void launch_gemv_rows(const Int8LinearArgs<T>& a, int64_t row0, int64_t groups, bool vector_loads) {
+  TORCH_CHECK_VALUE(groups <= 65535, "lowbit.int8_linear: too many rows (", a.M, ") for the GEMV path");
+  const dim3 grid(grid_size(ceil_div(a.N, kGemvWarps), "lowbit.int8_linear"), static_cast<unsigned int>(groups));
+  if (vector_loads)
+    int8_gemv_kernel<T, true, kRows><<<grid, kGemvWarps * 32, 0, current_stream()>>>(a, row0);
+  else
+    int8_gemv_kernel<T, false, kRows><<<grid, kGemvWarps * 32, 0, current_stream()>>>(a, row0);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// One launch for M <= kMaxGemvRows; beyond (only when the cut-over is raised to measure it), groups of
+// kMaxGemvRows rows and one launch for the rest.
 template <typename T>
 void launch_gemv(const Int8LinearArgs<T>& a) {
-  const int64_t row_groups = ceil_div(a.M, kMaxGemvRows);
-  TORCH_CHECK_VALUE(row_groups <= 65535, "lowbit.int8_linear: too many rows (", a.M, ") for the GEMV path");
-  const dim3 grid(grid_size(ceil_div(a.N, kGemvWarps), "lowbit.int8_linear"), static_cast<unsigned int>(row_groups));
-  const cudaStream_t stream = current_stream();
   // Whole 16-byte chunks per row: K % 16 == 0 and a 16-byte aligned weight (the codes are a fresh tensor).
   if (a.K % kWeightBytesPerLoad == 0 && !aligned16(a.weight))
     TORCH_WARN_ONCE("lowbit.int8_linear: the int8 weight (CB) is not 16-byte aligned (a view into a larger buffer?), ",
                     "so the decode GEMV reads it a byte at a time, several times slower: keep each weight in a tensor ",
                     "of its own (.clone() it once)");
-  if (a.K % kWeightBytesPerLoad == 0 && aligned16(a.weight) && aligned16(a.codes))
-    int8_gemv_kernel<T, true><<<grid, kGemvWarps * 32, 0, stream>>>(a);
-  else
-    int8_gemv_kernel<T, false><<<grid, kGemvWarps * 32, 0, stream>>>(a);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const bool vector_loads = a.K % kWeightBytesPerLoad == 0 && aligned16(a.weight) && aligned16(a.codes);
+  const int64_t full = a.M / kMaxGemvRows, rest = a.M % kMaxGemvRows;
+  if (full > 0) launch_gemv_rows<T, kMaxGemvRows>(a, 0, full, vector_loads);
+  const int64_t row0 = full * kMaxGemvRows;
+  switch (rest) {
+#define LOWBIT_INT8_GEMV_ROWS(ROWS) \
+  case ROWS: launch_gemv_rows<T, ROWS>(a, row0, 1, vector_loads); break;
+    LOWBIT_INT8_GEMV_ROWS(1) LOWBIT_INT8_GEMV_ROWS(2) LOWBIT_INT8_GEMV_ROWS(3) LOWBIT_INT8_GEMV_ROWS(4)
+    LOWBIT_INT8_GEMV_ROWS(5) LOWBIT_INT8_GEMV_ROWS(6) LOWBIT_INT8_GEMV_ROWS(7)
+#undef LOWBIT_INT8_GEMV_ROWS
+  }
 }
 
 template <typename T>
@@ -210,8 +235,8 @@ at::Tensor int8_linear_cuda(const at::Tensor& x, const at::Tensor& CB, const at:
   if (M == 0 || N == 0) return out.view(out_shape);
   const at::Tensor x2 = flatten_rows(x).contiguous();
   const at::Tensor weight = CB.contiguous(), weight_scale = SCB.contiguous();
-  // The bias in float32, added before the final rounding, as the CPU kernel adds it.
-  const at::Tensor bias_f = bias ? bias->to(at::kFloat).contiguous() : at::Tensor();
+  const at::Tensor bias_c = bias ? bias->contiguous() : at::Tensor();
+  const BiasView bias_view = bias_c.defined() ? BiasView{bias_c.const_data_ptr(), bias_c.scalar_type()} : BiasView{};
   const Int8Activations act = quantize_activations(x2, threshold, /*list_outliers=*/true);
   const OutlierColumns outliers =
       act.outlier_count.defined()
@@ -225,7 +250,7 @@ at::Tensor int8_linear_cuda(const at::Tensor& x, const at::Tensor& CB, const at:
                                         act.row_stats.const_data_ptr<float>(),
                                         weight.const_data_ptr<int8_t>(),
                                         weight_scale.const_data_ptr<float>(),
-                                        bias_f.defined() ? bias_f.const_data_ptr<float>() : nullptr,
+                                        bias_view,
                                         outliers,
                                         gemv ? nullptr : product.const_data_ptr<int32_t>(),
                                         out.data_ptr<scalar_t>(),
