@@ -5,8 +5,9 @@
 Llama-3.1-8B linear shapes (K -> N), M rows of bf16 activations, NF4 with blocksize 64 (plus double
 quantization at M = 1). Each timing is the median over repeats of back-to-back launches that cycle through
 enough copies of the weights to not be served from L2. The floor at small M is bytes moved over the
-measured device-to-device copy bandwidth; the table gives the fraction of it reached. Up to 8 rows the GEMV's
-first design (LOWBIT_GEMV=v1) is timed too, in the same run. Also times
+measured device-to-device copy bandwidth; the table gives the fraction of it reached. Up to 8 rows the other
+GEMV designs (LOWBIT_GEMV=lds, the split GEMV decoding through shared memory, and v1, the first design) are timed
+too, in the same run. Also times
 quantize_4bit of a 14336 x 4096 bf16 weight against copy bandwidth.
 
 LLM.int8() rows (int8_linear, same shapes, M and method): threshold 0, and threshold 6.0 with ~0.1% of the
@@ -108,14 +109,16 @@ def bench_linear(name: str, K: int, N: int, bandwidth: float) -> list[dict]:
         moved = nf4_bytes + (M * K + M * N) * 2
         row = dict(shape=name, K=K, N=N, M=M, bf16_ms=t_bf16, nf4_ms=t_nf4, speedup=t_bf16 / t_nf4,
                    nf4_bandwidth_fraction=moved / (t_nf4 / 1e3) / bandwidth)  # fmt: skip
-        if M <= 8:  # the GEMV's first design too (LOWBIT_GEMV=v1), in the same run
-            os.environ["LOWBIT_GEMV"] = "v1"
-            row["nf4_gemv_v1_ms"] = time_ms(nf4(x, plain), copies=len(plain))
+        if M <= 8:  # the other GEMV designs (LOWBIT_GEMV), in the same run
+            for design in ("lds", "v1"):
+                os.environ["LOWBIT_GEMV"] = design
+                row[f"nf4_gemv_{design}_ms"] = time_ms(nf4(x, plain), copies=len(plain))
             del os.environ["LOWBIT_GEMV"]
         if M == 1:
             row["nf4_dq_ms"] = time_ms(nf4(x, double), copies=len(double))
         rows.append(row)
-        v1 = f"  (v1 GEMV {row['nf4_gemv_v1_ms']:8.4f} ms)" if "nf4_gemv_v1_ms" in row else ""
+        v1 = (f"  (GEMV lds {row['nf4_gemv_lds_ms']:8.4f} ms, v1 {row['nf4_gemv_v1_ms']:8.4f} ms)"
+              if "nf4_gemv_v1_ms" in row else "")  # fmt: skip
         print(f"{name:8s} M={M:5d}  bf16 {t_bf16:8.4f} ms  nf4 {t_nf4:8.4f} ms  x{t_bf16 / t_nf4:5.2f}  "
               f"{row['nf4_bandwidth_fraction']:.0%} of copy bandwidth{v1}", flush=True)  # fmt: skip
     return rows

@@ -66,14 +66,15 @@ def _nf4_layer(k, n, double_quant=True, dtype=torch.bfloat16):
     return lowbit.Linear4bit.from_linear(linear, quant_type="nf4", double_quant=double_quant)
 
 
-@pytest.mark.parametrize("gemv", ["v2", "v1"])  # LOWBIT_GEMV: the split-K GEMV, and the first design
+@pytest.mark.parametrize("gemv", ["shuffle", "lds", "v1"])  # LOWBIT_GEMV: the split GEMV's two decodes, the first design
 @pytest.mark.parametrize("double_quant", [False, True])
 @pytest.mark.parametrize("n", [1024, 1025])  # an odd N leaves the split GEMV's last CTA half its rows
+@pytest.mark.parametrize("k", [4096, 1056])  # 1056 = 33 chunks of 32: lanes past the row in the split GEMV
 @pytest.mark.parametrize("rows", [1, 3, 8, 9, 64])  # the fused GEMV up to 8 rows, dequantize + cuBLAS beyond
-def test_linear_4bit_cuda_paths_match_the_cpu_kernel(rows, n, double_quant, gemv, monkeypatch):
+def test_linear_4bit_cuda_paths_match_the_cpu_kernel(rows, k, n, double_quant, gemv, monkeypatch):
     monkeypatch.setenv("LOWBIT_GEMV", gemv)
-    layer = _nf4_layer(4096, n, double_quant=double_quant, dtype=torch.float32)
-    x = torch.randn(rows, 4096)
+    layer = _nf4_layer(k, n, double_quant=double_quant, dtype=torch.float32)
+    x = torch.randn(rows, k)
     expected = layer.to("cpu")(x)
     torch.testing.assert_close(layer.to("cuda")(x.cuda()).cpu(), expected, rtol=1e-4, atol=1e-4)
 

@@ -17,7 +17,7 @@
 
 namespace lowbit::cuda {
 
-inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+__host__ __device__ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // A launch's number of CTAs, refused beyond what gridDim.x holds rather than truncated.
 inline unsigned int grid_size(int64_t ctas, const char* op) {

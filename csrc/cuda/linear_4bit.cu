@@ -1,8 +1,8 @@
 // y = x @ dequant(W).T + bias for a 4-bit weight on CUDA. Two regimes, as on the CPU:
 //  * few rows of x (decode, M <= kMaxGemvRows): a fused dequantize-GEMV that reads the bitsandbytes
 //    layout as stored. At M = 1 the weight's bytes are the whole cost (0.5625 B per weight with float32
-//    absmax per 64), so the kernel exists to stream them at HBM bandwidth (gemv_4bit_split_kernel, below; the
-//    first design, gemv_4bit_kernel, stays selectable with LOWBIT_GEMV=v1 so a GPU run times both).
+//    absmax per 64), so the kernel exists to stream them at HBM bandwidth (gemv_4bit_split_kernel, below, in two
+//    decodes; the first design, gemv_4bit_kernel, stays selectable: LOWBIT_GEMV, and a GPU run times all three).
 //    Needs K % 32 == 0 (rows start on 16-byte boundaries, and a 32-weight chunk never spans two blocks even
 //    where blocks span rows: block boundaries are multiples of blocksize >= 32) and 16-byte aligned tensors;
 //    other shapes take the path below.
@@ -43,10 +43,12 @@ __device__ inline void load_chunk(const T* __restrict__ p, float* out) {
   }
 }
 
-// acc[m * stride] += scale * (the 32 decoded weights of chunk c . the same 32 values of row m of x), for each row.
+// acc[m * stride] += scale * (the 32 decoded weights of chunk c . the same 32 values of row m of x), for each row;
+// unless !valid (a lane past the row, which reads a chunk of it again and discards the product: a select, not a
+// branch, so the warp stays converged for its shuffles).
 template <typename T, int M>
 __device__ inline void accumulate_chunk(const float* weights, const T* __restrict__ x, int64_t K, int64_t c, float scale,
-                                        float* acc, int stride) {
+                                        float* acc, int stride, bool valid = true) {
 #pragma unroll
   for (int m = 0; m < M; ++m) {
     float xs[kChunk];
@@ -54,7 +56,8 @@ __device__ inline void accumulate_chunk(const float* weights, const T* __restric
     float dot = 0.f;
 #pragma unroll
     for (int j = 0; j < kChunk; ++j) dot = fmaf(weights[j], xs[j], dot);
-    acc[m * stride] = fmaf(dot, scale, acc[m * stride]);
+    const float sum = fmaf(dot, scale, acc[m * stride]);
+    acc[m * stride] = valid ? sum : acc[m * stride];
   }
 }
 
@@ -103,17 +106,25 @@ __global__ void __launch_bounds__(kGemvWarps * 32)
 //    through shared memory): short outputs (N = 1024 for k/v) still give N / 2 CTAs, and each 32-weight chunk of
 //    x is loaded once for kSplitRows rows instead of once a row.
 //  * A chunk's kSplitRows 16-byte weight loads and their scales are issued before any of them is decoded, and the
-//    loop is unrolled by two: ptxas (sm_90, 56 registers) keeps one or two 16-byte weight loads a lane in flight,
-//    and 56 registers allow 9 CTAs (36 warps) an SM: ~18-36 KB in flight, what HBM3/3e latency needs.
-//  * Each byte is decoded with two 4-byte loads from a 16-entry float table in shared memory: 16 words in 16
-//    banks, so lanes reading different codes never conflict (the v1 float2 table over 512 words did).
+//    loop is unrolled by two: ptxas (sm_90, 56-62 registers at one row) keeps one or two 16-byte weight loads a
+//    lane in flight, and 62 registers allow 8 CTAs (32 warps) an SM: ~16-32 KB in flight, what HBM3/3e latency needs.
+//  * Decoding a code to its float32 value is most of the work per weight at M = 1, so it is built two ways and
+//    timed on the GPU (LOWBIT_GEMV=lds selects the first; the second is the default):
+//    - kShuffle = false: two 4-byte loads a byte from a 16-entry table in shared memory (16 words in 16 banks:
+//      lanes reading different codes never conflict, unlike v1's float2 table over 512 words). The SASS spends a
+//      shift, a mask and an address add on each: 193 instructions a 16-byte chunk in all (sm_90, one row).
+//    - kShuffle = true: each lane holds codebook[lane % 16] in a register and a weight's value is the lane its
+//      code names, one __shfl_sync a weight. A shuffle takes its source lane modulo 32, and both half-warps hold
+//      the table, so the code needs no mask: a shift a weight, and none for the low nibble of byte 0 (155
+//      instructions a chunk). Every lane must run each shuffle, so the chunk loop's trip count is the CTA's, which
+//      ptxas can see is uniform (a lane's own count made it wrap every shuffle in reconvergence code).
 //  * Block and nested-block indices are shifts (blocksizes are powers of two): no 64-bit division per chunk.
 //  * Double-quantized scales decode from a shared copy of the 256-entry nested code, multiply then add in float32
 //    (formats.h nested_scale's rounding).
 constexpr int kSplitWarps = 4;
 constexpr int kSplitRows = 2;
 
-template <typename T, int M>
+template <typename T, int M, bool kShuffle>
 __global__ void __launch_bounds__(kSplitWarps * 32)
     gemv_4bit_split_kernel(Weight4 w, cuda::Shifts shift, const T* __restrict__ x, const T* __restrict__ bias,
                            T* __restrict__ out) {
@@ -121,14 +132,22 @@ __global__ void __launch_bounds__(kSplitWarps * 32)
   __shared__ float nested_code[256];
   __shared__ float partial[kSplitWarps][M][kSplitRows];
   cuda::load_tables(w, table, nested_code);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const float lane_code_value = table[lane % 16];  // kShuffle: the value of code `lane % 16`
   const int64_t n0 = static_cast<int64_t>(blockIdx.x) * kSplitRows;
   const int64_t chunks = w.K / kChunk;
   const uint8_t* rows[kSplitRows];
 #pragma unroll
   for (int r = 0; r < kSplitRows; ++r) rows[r] = w.packed + min(n0 + r, w.N - 1) * (w.K / 2);  // past N: not written
   float acc[M][kSplitRows] = {};
+  // The same trip count for every thread of the CTA (the compiler sees it is uniform, so the shuffles need no
+  // reconvergence code); a lane past the row redoes the row's last chunk and discards it.
+  const int64_t trips = cuda::ceil_div(chunks, kSplitWarps * 32);
 #pragma unroll 2
-  for (int64_t c = threadIdx.x; c < chunks; c += blockDim.x) {
+  for (int64_t trip = 0; trip < trips; ++trip) {
+    const int64_t lane_chunk = trip * (kSplitWarps * 32) + threadIdx.x;
+    const bool valid = lane_chunk < chunks;
+    const int64_t c = valid ? lane_chunk : chunks - 1;
     uint4 packed[kSplitRows];
     float scale[kSplitRows];
 #pragma unroll
@@ -138,18 +157,25 @@ __global__ void __launch_bounds__(kSplitWarps * 32)
     }
 #pragma unroll
     for (int r = 0; r < kSplitRows; ++r) {
-      uint8_t bytes[16];
-      memcpy(bytes, &packed[r], sizeof(bytes));
+      uint32_t words[4];
+      memcpy(words, &packed[r], sizeof(words));
       float weights[kChunk];
 #pragma unroll
-      for (int j = 0; j < 16; ++j) {
-        weights[2 * j] = table[bytes[j] >> 4];
-        weights[2 * j + 1] = table[bytes[j] & 15];
-      }
-      accumulate_chunk<T, M>(weights, x, w.K, c, scale[r], &acc[0][r], kSplitRows);
+      for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {  // byte 4i + q of the chunk: bits 8q..8q+7 of word i, high nibble first
+          const uint32_t high = words[i] >> (8 * q + 4), low = words[i] >> (8 * q);
+          if constexpr (kShuffle) {
+            weights[8 * i + 2 * q] = __shfl_sync(0xffffffffu, lane_code_value, static_cast<int>(high));
+            weights[8 * i + 2 * q + 1] = __shfl_sync(0xffffffffu, lane_code_value, static_cast<int>(low));
+          } else {
+            weights[8 * i + 2 * q] = table[high & 15];
+            weights[8 * i + 2 * q + 1] = table[low & 15];
+          }
+        }
+      accumulate_chunk<T, M>(weights, x, w.K, c, scale[r], &acc[0][r], kSplitRows, valid);
     }
   }
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
 #pragma unroll
   for (int m = 0; m < M; ++m)
 #pragma unroll
@@ -171,26 +197,41 @@ __global__ void __launch_bounds__(kSplitWarps * 32)
 
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
-// LOWBIT_GEMV=v1 selects the first design (read at each call, so one process can time both).
-bool first_gemv_design() {
+// Which GEMV runs (LOWBIT_GEMV, read at each call so one process can time them all): "v1", the first design;
+// "lds", the split GEMV decoding through shared memory; anything else, the split GEMV decoding by shuffles.
+enum class Gemv { v1, split_lds, split_shuffle };
+
+Gemv gemv_design() {
   const char* choice = std::getenv("LOWBIT_GEMV");
-  return choice != nullptr && std::strcmp(choice, "v1") == 0;
+  if (choice != nullptr && std::strcmp(choice, "v1") == 0) return Gemv::v1;
+  if (choice != nullptr && std::strcmp(choice, "lds") == 0) return Gemv::split_lds;
+  return Gemv::split_shuffle;
+}
+
+template <typename T, bool kShuffle>
+void launch_split_gemv(const Weight4& w, const T* x, const T* bias, T* out, int64_t M) {
+  const dim3 grid(cuda::grid_size(cuda::ceil_div(w.N, kSplitRows), "lowbit.linear_4bit")), block(kSplitWarps * 32);
+  const cuda::Shifts shift = cuda::shifts_of(w);
+  const cudaStream_t stream = cuda::current_stream();
+  switch (M) {
+#define LOWBIT_GEMV_CASE(ROWS) \
+  case ROWS: gemv_4bit_split_kernel<T, ROWS, kShuffle><<<grid, block, 0, stream>>>(w, shift, x, bias, out); break;
+    LOWBIT_GEMV_CASE(1) LOWBIT_GEMV_CASE(2) LOWBIT_GEMV_CASE(3) LOWBIT_GEMV_CASE(4)
+    LOWBIT_GEMV_CASE(5) LOWBIT_GEMV_CASE(6) LOWBIT_GEMV_CASE(7) LOWBIT_GEMV_CASE(8)
+#undef LOWBIT_GEMV_CASE
+  }
 }
 
 template <typename T>
 void launch_gemv(const Weight4& w, const T* x, const T* bias, T* out, int64_t M) {
-  const cudaStream_t stream = cuda::current_stream();
-  if (!first_gemv_design()) {
-    const dim3 grid(cuda::grid_size(cuda::ceil_div(w.N, kSplitRows), "lowbit.linear_4bit")), block(kSplitWarps * 32);
-    switch (M) {
-#define LOWBIT_GEMV_CASE(ROWS) \
-  case ROWS: gemv_4bit_split_kernel<T, ROWS><<<grid, block, 0, stream>>>(w, cuda::shifts_of(w), x, bias, out); break;
-      LOWBIT_GEMV_CASE(1) LOWBIT_GEMV_CASE(2) LOWBIT_GEMV_CASE(3) LOWBIT_GEMV_CASE(4)
-      LOWBIT_GEMV_CASE(5) LOWBIT_GEMV_CASE(6) LOWBIT_GEMV_CASE(7) LOWBIT_GEMV_CASE(8)
-#undef LOWBIT_GEMV_CASE
-    }
+  const Gemv design = gemv_design();
+  if (design == Gemv::split_shuffle) {
+    launch_split_gemv<T, true>(w, x, bias, out, M);
+  } else if (design == Gemv::split_lds) {
+    launch_split_gemv<T, false>(w, x, bias, out, M);
   } else {
     const dim3 grid(cuda::grid_size(cuda::ceil_div(w.N, kGemvWarps), "lowbit.linear_4bit")), block(kGemvWarps * 32);
+    const cudaStream_t stream = cuda::current_stream();
     switch (M) {
 #define LOWBIT_GEMV_CASE(ROWS) \
   case ROWS: gemv_4bit_kernel<T, ROWS><<<grid, block, 0, stream>>>(w, x, bias, out); break;
