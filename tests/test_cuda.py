@@ -127,6 +127,33 @@ def test_int8_ops_have_native_cuda_kernels():
     assert all("cuda" in native_devices(op) for op in INT8_OPS)
 
 
+def _cuda_kernels_launched(fn) -> list[str]:
+    """Names of the CUDA kernels one call of fn launches (after a warm-up call), from the profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+
+
+@pytest.mark.parametrize("rows", [1, 8])
+def test_decode_steps_launch_at_most_two_kernels(rows):
+    """A decode call is a handful of launches per layer per token: LLM.int8() with a threshold and a bfloat16
+    bias is one activation kernel and the GEMV; a 4-bit layer is the GEMV alone."""
+    x = torch.randn(rows, 4096, device="cuda", dtype=torch.bfloat16)
+    x[:, 7] = 20.0  # an outlier column
+    CB, SCB, _ = ops.int8_vectorwise_quant(torch.randn(1024, 4096, device="cuda", dtype=torch.float16), 0.0)
+    bias = torch.randn(1024, device="cuda", dtype=torch.bfloat16)
+    int8 = _cuda_kernels_launched(lambda: ops.int8_linear(x, CB, SCB, 6.0, bias))
+    assert len(int8) <= 2, int8
+    layer = _nf4_layer(4096, 1024)
+    nf4 = _cuda_kernels_launched(lambda: layer(x))
+    assert len(nf4) == 1, nf4
+
+
 def _activations(M, K, dtype=torch.float32, outlier_columns=(), seed=0):
     """float32 rows on the CPU (then cast to dtype): outlier_columns hold 20.0 in every row, and one element
     of row 0 is a lone outlier (-9.0), so its column is an outlier column through one row only."""

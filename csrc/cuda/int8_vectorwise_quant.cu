@@ -10,7 +10,8 @@
 //  * For int8_linear, one more CTA of that second kernel compacts the flags into an ascending int32 list and
 //    a device-side count (one block-wide prefix sum), so the matmul epilogues loop over the outlier columns
 //    without a host sync; the list has K entries, so no count can overflow it. The flags and the count share
-//    one zero-filled buffer: with a threshold, a decode call launches one fill and two kernels before the GEMV.
+//    one zero-filled buffer. Up to kOneCtaRows rows (decode) one CTA does all of it, fill included, in one launch:
+//    int8_linear's decode step is then two launches, this and the GEMV, threshold or not.
 //    The op itself returns the columns as an int64 tensor whose length depends on the data: at::nonzero
 //    synchronises, as any such op must.
 #include <ATen/ATen.h>
@@ -138,6 +139,43 @@ __global__ void row_codes_kernel(const T* __restrict__ x, int64_t M, int64_t K, 
   write_row_codes(x + m * K, K, row_stats[m], column_flags, codes + m * K);
 }
 
+// Decode-sized inputs (M <= kOneCtaRows) with a threshold, in one CTA and one launch: it clears the flags and the
+// count itself (no fill launch), then does per row what row_stats_kernel does, then the codes and the list as
+// row_codes_kernel does (the same functions: the same bytes). M x K is small at decode (8 x 14336 at most for
+// Llama-3-8B shapes), so one SM's latency costs less than the two launches it saves, which a decode step pays in
+// every layer (int8_linear with a threshold: this kernel and the GEMV).
+constexpr int64_t kOneCtaRows = 8;
+constexpr int kOneCtaThreads = 1024;
+
+template <typename T>
+__global__ void __launch_bounds__(kOneCtaThreads)
+    one_cta_activations_kernel(const T* __restrict__ x, int64_t M, int64_t K, float threshold,
+                               float* __restrict__ row_stats, uint8_t* __restrict__ column_flags,
+                               int8_t* __restrict__ codes, int32_t* __restrict__ columns, int32_t* __restrict__ count) {
+  for (int64_t k = threadIdx.x; k < K; k += blockDim.x) column_flags[k] = 0;
+  __syncthreads();  // global writes of this CTA are visible to it after the barrier
+  for (int64_t m = 0; m < M; ++m) {
+    const T* row = x + m * K;
+    float absmax = 0.f;
+    bool poisoned = false;
+    for (int64_t k = threadIdx.x; k < K; k += blockDim.x) {
+      const float magnitude = fabsf(static_cast<float>(row[k]));
+      if (magnitude >= threshold) {
+        column_flags[k] = 1;
+      } else {
+        absmax = fmaxf(absmax, magnitude);
+        poisoned |= !isfinite(magnitude);
+      }
+    }
+    absmax = block_max(absmax);
+    poisoned = __syncthreads_or(poisoned);
+    if (threadIdx.x == 0) row_stats[m] = poisoned ? std::numeric_limits<float>::quiet_NaN() : absmax;
+  }
+  __syncthreads();  // every row's flags and stats before any code
+  for (int64_t m = 0; m < M; ++m) write_row_codes(x + m * K, K, row_stats[m], column_flags, codes + m * K);
+  if (columns) list_outlier_columns(column_flags, K, columns, count);
+}
+
 }  // namespace
 
 Int8Activations quantize_activations(const at::Tensor& x2, double threshold, bool list_outliers) {
@@ -148,7 +186,12 @@ Int8Activations quantize_activations(const at::Tensor& x2, double threshold, boo
   a.codes = at::empty({M, K}, x2.options().dtype(at::kChar));
   a.row_stats = at::empty({M}, x2.options().dtype(at::kFloat));
   const bool list = has_threshold && list_outliers;
-  if (has_threshold) {
+  const bool one_cta = has_threshold && M <= kOneCtaRows;  // clears its own flags and count
+  if (one_cta) {
+    const at::Tensor scratch = at::empty({1 + ceil_div(K, 4)}, x2.options().dtype(at::kInt));
+    a.outlier_count = scratch.narrow(0, 0, 1);
+    a.column_flags = scratch.narrow(0, 1, ceil_div(K, 4)).view(at::kByte).narrow(0, 0, K);
+  } else if (has_threshold) {
     // One zero fill for the count (an int32) and the K flags (bytes) after it.
     const at::Tensor zeroed = at::zeros({1 + ceil_div(K, 4)}, x2.options().dtype(at::kInt));
     a.outlier_count = zeroed.narrow(0, 0, 1);
@@ -171,6 +214,13 @@ Int8Activations quantize_activations(const at::Tensor& x2, double threshold, boo
     int8_t* codes = a.codes.data_ptr<int8_t>();
     if (!has_threshold) {
       row_stats_kernel<scalar_t, true><<<rows, threads, 0, stream>>>(x, K, threshold_f, false, stats, flags, codes);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      return;
+    }
+    if (one_cta) {
+      one_cta_activations_kernel<scalar_t><<<1, kOneCtaThreads, 0, stream>>>(
+          x, M, K, threshold_f, stats, flags, codes, list ? a.outlier_columns.data_ptr<int32_t>() : nullptr,
+          list ? a.outlier_count.data_ptr<int32_t>() : nullptr);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       return;
     }
