@@ -19,7 +19,7 @@ import argparse
 import torch
 
 import lowbit
-from lowbit.fsdp import SHARDED_STATE
+from lowbit.fsdp import sharded_state_names
 
 # Llama-3.1-70B's config.json (published): the shapes, nothing else, are used.
 LLAMA_70B = dict(hidden=8192, intermediate=28672, layers=80, heads=64, kv_heads=8, head_dim=128, vocab=128256)
@@ -38,7 +38,7 @@ def layer_bytes(in_features, out_features, config) -> tuple[int, int]:
         model = torch.nn.Sequential(torch.nn.Linear(in_features, out_features, bias=False))
         lowbit.replace_linears(model, config)  # empty layers: the buffers a loaded one fills, at their sizes
     layer = model[0]
-    sharded_names = next(v for k, v in SHARDED_STATE.items() if isinstance(layer, k))
+    sharded_names = sharded_state_names(layer)
     sharded = replicated = 0
     for name, t in layer.named_buffers():
         size = t.numel() * t.element_size()

@@ -23,7 +23,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from transformers import AutoModelForCausalLM
 
 import lowbit
-from lowbit.fsdp import SHARDED_STATE, prepare_fsdp
+from lowbit.fsdp import prepare_fsdp, sharded_state_names
 from lowbit.nn import QuantizedLinear
 
 SCHEMES = {
@@ -88,7 +88,7 @@ def quantized_bytes(model, only=None):
 
 
 def replicated(layer, name):
-    return not any(isinstance(layer, cls) and name in names for cls, names in SHARDED_STATE.items())
+    return name not in sharded_state_names(layer)
 
 
 def quantized_state(state_dict):

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import lowbit
-from lowbit.fsdp import SHARDED_STATE, ShardedState, is_prepared, prepare_fsdp
+from lowbit.fsdp import ShardedState, is_prepared, prepare_fsdp, sharded_state_names
 from lowbit.nn import Linear4bit, Linear8bit
 
 pytest.importorskip("peft")
@@ -228,8 +228,7 @@ def test_prepared_layer_computes_and_saves_the_same(name, tmp_path):
     prepare_fsdp(layer)
     prepare_fsdp(layer)  # idempotent
     assert is_prepared(layer)
-    sharded = next(v for k, v in SHARDED_STATE.items() if isinstance(layer, k))
-    for key in sharded:
+    for key in sharded_state_names(layer):
         assert isinstance(layer._parameters[key], ShardedState) and not layer._parameters[key].requires_grad
     assert not any(p.requires_grad for n, p in layer.named_parameters() if n != "bias")
     torch.testing.assert_close(layer(x), before, rtol=0, atol=0)

@@ -117,7 +117,7 @@ def prepare_fsdp(model: nn.Module) -> nn.Module:
     The named state becomes frozen parameters (`requires_grad=False`) wrapping their tensors in
     ShardedState: names, dtypes, bytes and the state_dict stay the same. Idempotent; returns `model`."""
     for layer in model.modules():
-        names = next((v for k, v in SHARDED_STATE.items() if isinstance(layer, k)), ())
+        names = sharded_state_names(layer)
         if names and not layer.holds_weight:
             raise RuntimeError(f"{type(layer).__name__}({layer.in_features}, {layer.out_features}) holds no weight "
                                "yet: load or quantize the model before prepare_fsdp")  # fmt: skip
@@ -130,4 +130,9 @@ def prepare_fsdp(model: nn.Module) -> nn.Module:
 
 def is_prepared(layer: QuantizedLinear) -> bool:
     """Whether prepare_fsdp turned this layer's quantized state into shardable parameters."""
-    return any(name in layer._parameters for name in SHARDED_STATE.get(type(layer), ()))
+    return any(name in layer._parameters for name in sharded_state_names(layer))
+
+
+def sharded_state_names(module: nn.Module) -> tuple[str, ...]:
+    """The names of the state prepare_fsdp shards in this module (empty for modules that are no lowbit layer)."""
+    return next((names for cls, names in SHARDED_STATE.items() if isinstance(module, cls)), ())
