@@ -178,8 +178,6 @@ __global__ void __launch_bounds__(kEpilogueCols * kEpilogueRowThreads) int8_epil
   }
 }
 
-bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
-
 // groups CTAs of kRows rows each along blockIdx.y, from row row0.
 template <typename T, int kRows>
 void launch_gemv_rows(const Int8LinearArgs<T>& a, int64_t row0, int64_t groups, bool vector_loads) {
@@ -205,13 +203,8 @@ void launch_gemv(const Int8LinearArgs<T>& a) {
   const int64_t full = a.M / kMaxGemvRows, rest = a.M % kMaxGemvRows;
   if (full > 0) launch_gemv_rows<T, kMaxGemvRows>(a, 0, full, vector_loads);
   const int64_t row0 = full * kMaxGemvRows;
-  switch (rest) {
-#define LOWBIT_INT8_GEMV_ROWS(ROWS) \
-  case ROWS: launch_gemv_rows<T, ROWS>(a, row0, 1, vector_loads); break;
-    LOWBIT_INT8_GEMV_ROWS(1) LOWBIT_INT8_GEMV_ROWS(2) LOWBIT_INT8_GEMV_ROWS(3) LOWBIT_INT8_GEMV_ROWS(4)
-    LOWBIT_INT8_GEMV_ROWS(5) LOWBIT_INT8_GEMV_ROWS(6) LOWBIT_INT8_GEMV_ROWS(7)
-#undef LOWBIT_INT8_GEMV_ROWS
-  }
+  if (rest > 0)
+    with_row_count(rest, [&](auto rows) { launch_gemv_rows<T, decltype(rows)::value>(a, row0, 1, vector_loads); });
 }
 
 template <typename T>

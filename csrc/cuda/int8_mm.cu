@@ -69,8 +69,6 @@ cublasLtHandle_t lt_handle() {
   return handles[device];
 }
 
-bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
-
 bool cublaslt_takes(const at::Tensor& A, const at::Tensor& B) {
   const int64_t K = A.size(1), N = B.size(0);
   return K % 4 == 0 && N % 4 == 0 && aligned16(A.const_data_ptr()) && aligned16(B.const_data_ptr());

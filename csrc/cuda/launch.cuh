@@ -8,6 +8,7 @@
 #include <c10/cuda/CUDAStream.h>
 
 #include <cstdint>
+#include <type_traits>
 
 // The activation and output dtypes lowbit computes in (validate.h rejects the rest): no double kernels.
 #define LOWBIT_DISPATCH_FLOAT_TYPES(TYPE, NAME, ...)                                                 \
@@ -18,6 +19,25 @@
 namespace lowbit::cuda {
 
 __host__ __device__ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+// f(std::integral_constant<int, rows>{}) for rows in [1, 8]: the decode kernels take their row count as a template
+// argument (so every loop over rows unrolls without a bounds test), and this is the one switch to it.
+template <typename F>
+void with_row_count(int64_t rows, const F& f) {
+  switch (rows) {
+    case 1: return f(std::integral_constant<int, 1>{});
+    case 2: return f(std::integral_constant<int, 2>{});
+    case 3: return f(std::integral_constant<int, 3>{});
+    case 4: return f(std::integral_constant<int, 4>{});
+    case 5: return f(std::integral_constant<int, 5>{});
+    case 6: return f(std::integral_constant<int, 6>{});
+    case 7: return f(std::integral_constant<int, 7>{});
+    case 8: return f(std::integral_constant<int, 8>{});
+  }
+  TORCH_CHECK(false, "lowbit: a decode kernel takes 1 to 8 rows, got ", rows);
+}
 
 // A launch's number of CTAs, refused beyond what gridDim.x holds rather than truncated.
 inline unsigned int grid_size(int64_t ctas, const char* op) {

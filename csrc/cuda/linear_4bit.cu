@@ -195,8 +195,6 @@ __global__ void __launch_bounds__(kSplitWarps * 32)
   out[m * w.N + n] = static_cast<T>(bias ? v + static_cast<float>(bias[n]) : v);
 }
 
-bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
-
 // Which GEMV runs (LOWBIT_GEMV, read at each call so one process can time them all): "v1", the first design;
 // "lds", the split GEMV decoding through shared memory; anything else, the split GEMV decoding by shuffles.
 enum class Gemv { v1, split_lds, split_shuffle };
@@ -213,13 +211,9 @@ void launch_split_gemv(const Weight4& w, const T* x, const T* bias, T* out, int6
   const dim3 grid(cuda::grid_size(cuda::ceil_div(w.N, kSplitRows), "lowbit.linear_4bit")), block(kSplitWarps * 32);
   const cuda::Shifts shift = cuda::shifts_of(w);
   const cudaStream_t stream = cuda::current_stream();
-  switch (M) {
-#define LOWBIT_GEMV_CASE(ROWS) \
-  case ROWS: gemv_4bit_split_kernel<T, ROWS, kShuffle><<<grid, block, 0, stream>>>(w, shift, x, bias, out); break;
-    LOWBIT_GEMV_CASE(1) LOWBIT_GEMV_CASE(2) LOWBIT_GEMV_CASE(3) LOWBIT_GEMV_CASE(4)
-    LOWBIT_GEMV_CASE(5) LOWBIT_GEMV_CASE(6) LOWBIT_GEMV_CASE(7) LOWBIT_GEMV_CASE(8)
-#undef LOWBIT_GEMV_CASE
-  }
+  cuda::with_row_count(M, [&](auto rows) {
+    gemv_4bit_split_kernel<T, decltype(rows)::value, kShuffle><<<grid, block, 0, stream>>>(w, shift, x, bias, out);
+  });
 }
 
 template <typename T>
@@ -232,13 +226,9 @@ void launch_gemv(const Weight4& w, const T* x, const T* bias, T* out, int64_t M)
   } else {
     const dim3 grid(cuda::grid_size(cuda::ceil_div(w.N, kGemvWarps), "lowbit.linear_4bit")), block(kGemvWarps * 32);
     const cudaStream_t stream = cuda::current_stream();
-    switch (M) {
-#define LOWBIT_GEMV_CASE(ROWS) \
-  case ROWS: gemv_4bit_kernel<T, ROWS><<<grid, block, 0, stream>>>(w, x, bias, out); break;
-      LOWBIT_GEMV_CASE(1) LOWBIT_GEMV_CASE(2) LOWBIT_GEMV_CASE(3) LOWBIT_GEMV_CASE(4)
-      LOWBIT_GEMV_CASE(5) LOWBIT_GEMV_CASE(6) LOWBIT_GEMV_CASE(7) LOWBIT_GEMV_CASE(8)
-#undef LOWBIT_GEMV_CASE
-    }
+    cuda::with_row_count(M, [&](auto rows) {
+      gemv_4bit_kernel<T, decltype(rows)::value><<<grid, block, 0, stream>>>(w, x, bias, out);
+    });
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -259,12 +249,13 @@ at::Tensor linear_4bit_cuda(const at::Tensor& x, const at::Tensor& packed, const
   const std::optional<at::Tensor> bias_x = bias ? std::optional(bias->to(x.scalar_type()).contiguous()) : std::nullopt;
   at::Tensor out;
   const bool gemv_shape = M >= 1 && M <= kMaxGemvRows && N > 0 && K > 0 && K % kChunk == 0;
-  if (gemv_shape && !aligned16(x2.const_data_ptr())) x2 = x2.clone();  // a few rows: copying beats the slow path
-  if (gemv_shape && !aligned16(weight.view.packed))
+  // A misaligned x (a few rows): copying it beats the slow path.
+  if (gemv_shape && !cuda::aligned16(x2.const_data_ptr())) x2 = x2.clone();
+  if (gemv_shape && !cuda::aligned16(weight.view.packed))
     TORCH_WARN_ONCE("lowbit.linear_4bit: the packed weight is not 16-byte aligned (a view into a larger buffer?), so ",
                     "decode dequantizes it for cuBLAS at every call instead of streaming it through the GEMV, several ",
                     "times slower: keep each weight in a tensor of its own (.clone() it once)");
-  const bool gemv = gemv_shape && aligned16(weight.view.packed);
+  const bool gemv = gemv_shape && cuda::aligned16(weight.view.packed);
   LOWBIT_DISPATCH_FLOAT_TYPES(x.scalar_type(), "linear_4bit_cuda", [&] {
     if (gemv) {
       out = at::empty({M, N}, x2.options());
