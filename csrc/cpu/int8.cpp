@@ -38,10 +38,11 @@ inline float round_half_even(float v) {
   return (v + kMagic) - kMagic;  // (not folded to v: without -ffast-math the compiler keeps both roundings)
 }
 
-// dst[k] = round_half_even(xr[k] * s), 0 in outlier columns (whose values may be beyond int8, or infinite).
-void quantize_row_portable(const float* xr, int64_t K, float s, const uint8_t* outlier, int8_t* dst) {
+// dst[k] = round_half_even(scaled(xr[k])), 0 in outlier columns (whose values may be beyond int8, or infinite).
+template <typename Scale>
+void quantize_row_portable(const float* xr, int64_t K, const Scale& scaled, const uint8_t* outlier, int8_t* dst) {
   for (int64_t k = 0; k < K; ++k) {
-    const float v = round_half_even(xr[k] * s);
+    const float v = round_half_even(scaled(xr[k]));
     dst[k] = (outlier && outlier[k]) ? 0 : static_cast<int8_t>(static_cast<int32_t>(v));
   }
 }
@@ -176,10 +177,9 @@ RowQuantized quantize_rows(const at::Tensor& x, double threshold) {
       }
 #endif
       if (divide) {
-        for (int64_t k = 0; k < K; ++k)
-          dst[m * K + k] = (outlier && outlier[k]) ? 0 : static_cast<int8_t>(round_half_even(xr[k] / amax * 127.0f));
+        quantize_row_portable(xr, K, [&](float v) { return v / amax * 127.0f; }, outlier, dst + m * K);
       } else {
-        quantize_row_portable(xr, K, s, outlier, dst + m * K);
+        quantize_row_portable(xr, K, [&](float v) { return v * s; }, outlier, dst + m * K);
       }
     }
   });

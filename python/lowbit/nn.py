@@ -168,19 +168,22 @@ class QuantizedLinear(nn.Module):
         with torch.no_grad():
             held.copy_(t)
 
+    def _format_slots(self, name: str) -> dict:
+        """Where a format tensor lives: a buffer, or a frozen parameter once lowbit.fsdp prepared the layer."""
+        return self._parameters if name in self._parameters else self._buffers
+
     def _apply(self, fn, recurse=True):
-        # (Prepared for FSDP, some of this state is frozen parameters instead: lowbit.fsdp.)
-        state = {**self._buffers, **self._parameters}
         # (detached: a parameter's dtype cast may be applied to the same object, as `param.data = ...`)
-        kept = {name: state[name].detach() for name in self._format_buffers if state.get(name) is not None}
+        kept = {name: self._format_slots(name)[name].detach() for name in self._format_buffers
+                if self._format_slots(name).get(name) is not None}  # fmt: skip
         super()._apply(fn, recurse)
         for name, before in kept.items():
-            slots = self._parameters if name in self._parameters else self._buffers
+            slots = self._format_slots(name)
             after = slots[name]
             if after.dtype != before.dtype:  # a dtype cast: undo it from the untouched original
                 restored = before.to(after.device)
                 slots[name] = nn.Parameter(restored, requires_grad=False) if slots is self._parameters else restored
-        if any({**self._buffers, **self._parameters}[name].device.type == "meta" for name in kept):
+        if any(self._format_slots(name)[name].device.type == "meta" for name in kept):
             # Moved to meta, the values are gone: a later to_empty() gives uninitialised memory, not this weight.
             self.holds_weight = False
         return self
