@@ -24,6 +24,8 @@ import lowbit
 from lowbit.fsdp import is_prepared
 from lowbit.nn import QuantizedLinear
 
+from fsdp_worker import quantized_bytes  # (beside this script: torchrun puts its folder on the path)
+
 
 def use_fsdp_on_cpu(accelerator, plugin: FullyShardedDataParallelPlugin) -> None:
     PartialState().distributed_type = DistributedType.FSDP  # AcceleratorState copies it from here when rebuilt
@@ -51,17 +53,6 @@ def load(model_dir):
     model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=lowbit.LowbitConfig(load_in_4bit=True))
     torch.manual_seed(1)
     return get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", lora_dropout=0.0))
-
-
-def quantized_bytes(model):
-    total = 0
-    for layer in model.modules():
-        if isinstance(layer, QuantizedLinear):
-            for name, t in [*layer.named_parameters(recurse=False), *layer.named_buffers(recurse=False)]:
-                if name != "bias":
-                    t = t.to_local() if hasattr(t, "to_local") else t
-                    total += t.numel() * t.element_size()
-    return total
 
 
 def with_trainer(model_dir, out):

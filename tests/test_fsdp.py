@@ -24,15 +24,20 @@ WORKER = Path(__file__).with_name("fsdp_worker.py")
 SCHEMES = ["nf4", "nf4-bf16-storage", "nf4-dq", "fp4", "int8", "int8-wo", "nf4-odd"]
 
 
+def _run(command: list[str], what: str) -> subprocess.CompletedProcess:
+    """Runs a multi-process job (one thread a rank: two ranks share the machine) and fails with its output."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    run = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+    assert run.returncode == 0, f"{what} failed:\n{run.stdout[-3000:]}\n{run.stderr[-6000:]}"
+    return run
+
+
 @pytest.fixture(scope="module")
 def distributed(tiny_llama_factory, tmp_path_factory):
     """Results of the two-rank run (see tests/fsdp_worker.py), and the directory it wrote to."""
     out = tmp_path_factory.mktemp("fsdp")
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-               str(WORKER), str(tiny_llama_factory()), str(tiny_llama_factory("odd")), str(out)]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    run = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
-    assert run.returncode == 0, f"the torchrun job failed:\n{run.stdout[-3000:]}\n{run.stderr[-6000:]}"
+    _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(WORKER),
+          str(tiny_llama_factory()), str(tiny_llama_factory("odd")), str(out)], "the torchrun job")  # fmt: skip
     return json.loads((out / "results.json").read_text()), out
 
 
@@ -133,9 +138,7 @@ fsdp_config:
 
 
 def _launch(command, out, mode):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    run = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
-    assert run.returncode == 0, f"{mode} run failed:\n{run.stdout[-3000:]}\n{run.stderr[-6000:]}"
+    _run(command, f"the {mode} run")
     return json.loads((out / f"{mode}.json").read_text())
 
 
@@ -191,10 +194,7 @@ def test_accelerate_fsdp2_environment_prepares_on_load_and_refuses_ram_efficient
 def test_fsdp_qlora_example_on_the_built_in_model():
     """examples/fsdp_qlora.py as written (2 spawned ranks, the built-in SmolLM2-135M), a few steps."""
     example = Path(__file__).parents[1] / "examples" / "fsdp_qlora.py"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    run = subprocess.run([sys.executable, str(example), "--steps", "3", "--seq-len", "64", "--json"],
-                         capture_output=True, text=True, timeout=600, env=env)  # fmt: skip
-    assert run.returncode == 0, run.stderr[-6000:]
+    run = _run([sys.executable, str(example), "--steps", "3", "--seq-len", "64", "--json"], "the example")
     ranks = json.loads(run.stdout.strip().splitlines()[-1])
     assert len(ranks) == 2
     for r in ranks:
